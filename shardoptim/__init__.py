@@ -1,0 +1,17 @@
+"""shardoptim: shard the state of any torch.optim optimizer across data-parallel ranks (ZeRO-1).
+
+Public API only; see README.md.
+"""
+
+from __future__ import annotations
+
+from shardoptim.kinds import register_elementwise, register_per_tensor
+from shardoptim.optimizer import DEFAULT_BUCKET_NUMEL, ShardedOptimizer
+
+__all__ = [
+    "DEFAULT_BUCKET_NUMEL",
+    "ShardedOptimizer",
+    "register_elementwise",
+    "register_per_tensor",
+]
+__version__ = "0.1.0"

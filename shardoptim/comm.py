@@ -1,0 +1,197 @@
+"""Every collective the library issues, on one process group, with timeouts and rank-prefixed errors.
+
+The rest of the package never calls torch.distributed directly: it holds a `Comm` and asks it to
+gather buckets, broadcast or reduce small tensors. A `Comm` over no process group (torch.distributed
+not initialised, world size 1) turns every collective into a local no-op, so a single process can
+use ShardedOptimizer without any setup.
+
+Must not import shardoptim.optimizer or anything above it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+#: How a bucket's shards reach every rank after the local update.
+#: "broadcast": one async broadcast per rank, each from the owner straight into its range of the
+#: bucket (measured about 3x faster than gloo's all_gather_into_tensor at 100 MB, 2 ranks);
+#: "all_gather": one in-place all_gather_into_tensor per bucket (the right call on NCCL).
+GatherMethod = Literal["broadcast", "all_gather"]
+
+ReduceOp = Literal["sum", "mean", "max", "min"]
+
+# NOTE: torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class PendingGather:
+    """Handles of the async collectives that fill one bucket; `wait()` blocks until they finish."""
+
+    def __init__(self, comm: Comm, works: Sequence[dist.Work], what: str) -> None:
+        self._comm = comm
+        self._works = list(works)
+        self._what = what
+
+    def wait(self) -> None:
+        """Wait for every handle, raising a RuntimeError that names the operation on failure."""
+        for work in self._works:
+            self._comm.wait_work(work, self._what)
+        self._works.clear()
+
+
+class Comm:
+    """The shard group: this rank, the world size, and the collectives used on it.
+
+    Args:
+        group: the process group to shard over; None means the default group when
+            torch.distributed is initialised, else a single local process.
+        timeout: how long a wait on an async collective may take before it raises. None uses
+            the process group's own timeout (set by `init_process_group(timeout=...)`).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, *, timeout: timedelta | None = None) -> None:
+        self.group = group
+        self.is_distributed = dist.is_available() and dist.is_initialized()
+        if group is not None and not self.is_distributed:
+            raise RuntimeError(
+                "a process_group was given but torch.distributed is not initialised; call "
+                "shardoptim.init_distributed() (or torch.distributed.init_process_group) first"
+            )
+        if self.is_distributed:
+            self.rank = dist.get_rank(group)
+            self.world_size = dist.get_world_size(group)
+            self.backend = str(dist.get_backend(group))
+            if self.rank < 0:
+                raise ValueError(
+                    f"this process (global rank {dist.get_rank()}) is not a member of the given "
+                    "process_group; build the optimizer only on the group's ranks"
+                )
+        else:
+            self.rank, self.world_size, self.backend = 0, 1, "none"
+        self.timeout = timeout
+        self.gather_method: GatherMethod = "broadcast" if self.backend == "gloo" else "all_gather"
+
+    @property
+    def prefix(self) -> str:
+        return f"[rank {self.rank}/{self.world_size}] "
+
+    @property
+    def device(self) -> torch.device:
+        """The device small collective tensors live on (CUDA for NCCL, else CPU)."""
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def global_rank(self, rank: int) -> int:
+        """Return the global rank of `rank` in the shard group."""
+        if not self.is_distributed or self.group is None:
+            return rank
+        return dist.get_global_rank(self.group, rank)
+
+    def wait_work(self, work: dist.Work, what: str) -> None:
+        """Wait for one async handle; turn a failure or timeout into an error naming `what`."""
+        try:
+            if self.timeout is None:
+                work.wait()
+            else:
+                work.wait(self.timeout)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"{self.prefix}{what} failed or timed out: {err}. A peer rank may have died or "
+                "skipped this call; every rank must call the optimizer's collectives in the same order"
+            ) from err
+
+    def gather_bucket_async(self, bucket: torch.Tensor, bounds: Sequence[int], *, what: str) -> PendingGather:
+        """Start filling every rank's range of `bucket` from its owner; return the pending handle.
+
+        Collective: call on every rank of the group, in the same order.
+
+        Args:
+            bucket: the full flat buffer; this rank's range [bounds[rank], bounds[rank + 1]) holds
+                its fresh values.
+            bounds: world_size + 1 offsets cutting the bucket into rank ranges (same on every rank).
+            what: a name for error messages.
+        """
+        if self.world_size == 1 or bounds[-1] == 0:
+            return PendingGather(self, [], what)
+        sizes = [end - start for start, end in zip(bounds, bounds[1:])]
+        works: list[dist.Work] = []
+        if self.gather_method == "all_gather" and len(set(sizes)) == 1:
+            mine = bucket.narrow(0, bounds[self.rank], sizes[self.rank])
+            work = _all_gather_single(bucket, mine, group=self.group, async_op=True)
+            assert work is not None
+            works.append(work)
+        else:
+            for rank, numel in enumerate(sizes):
+                if numel == 0:
+                    continue
+                part = bucket.narrow(0, bounds[rank], numel)
+                work = dist.broadcast(part, src=self.global_rank(rank), group=self.group, async_op=True)
+                assert work is not None
+                works.append(work)
+        return PendingGather(self, works, what)
+
+    def broadcast_(self, tensor: torch.Tensor, *, src: int = 0, what: str) -> None:
+        """Overwrite `tensor` with rank `src`'s copy (src is a rank in the shard group).
+
+        Collective: call on every rank of the group, in the same order.
+        """
+        if self.world_size == 1:
+            return
+        work = dist.broadcast(tensor, src=self.global_rank(src), group=self.group, async_op=True)
+        assert work is not None
+        self.wait_work(work, what)
+
+    def all_reduce_(self, tensor: torch.Tensor, *, op: ReduceOp = "sum", what: str) -> None:
+        """Reduce `tensor` in place over the group ("mean" divides the sum by the world size).
+
+        Collective: call on every rank of the group, in the same order.
+        """
+        if self.world_size == 1:
+            return
+        red = {
+            "sum": dist.ReduceOp.SUM,
+            "mean": dist.ReduceOp.SUM,
+            "max": dist.ReduceOp.MAX,
+            "min": dist.ReduceOp.MIN,
+        }
+        work = dist.all_reduce(tensor, op=red[op], group=self.group, async_op=True)
+        assert work is not None
+        self.wait_work(work, what)
+        if op == "mean":
+            tensor.div_(self.world_size)
+
+    def all_gather(self, tensor: torch.Tensor, *, what: str) -> torch.Tensor:
+        """Return a (world_size, *tensor.shape) tensor of every rank's `tensor`.
+
+        Collective: call on every rank of the group, in the same order. Same result on every rank.
+        """
+        flat = tensor.contiguous().reshape(-1)
+        out = torch.empty(self.world_size * flat.numel(), dtype=tensor.dtype, device=tensor.device)
+        if self.world_size == 1:
+            out.copy_(flat)
+        else:
+            work = _all_gather_single(out, flat, group=self.group, async_op=True)
+            assert work is not None
+            self.wait_work(work, what)
+        return out.view(self.world_size, *tensor.shape)
+
+    def send(self, tensor: torch.Tensor, *, dst: int, what: str) -> None:
+        """Send `tensor` to rank `dst` of the group (point to point; pair with `recv` there)."""
+        work = dist.isend(tensor, dst=self.global_rank(dst), group=self.group)
+        assert work is not None
+        self.wait_work(work, what)
+
+    def recv(self, tensor: torch.Tensor, *, src: int, what: str) -> None:
+        """Receive into `tensor` from rank `src` of the group (pair with `send` there)."""
+        work = dist.irecv(tensor, src=self.global_rank(src), group=self.group)
+        assert work is not None
+        self.wait_work(work, what)

@@ -1,0 +1,431 @@
+"""ShardedOptimizer: any torch.optim optimizer, its state sharded across data-parallel ranks.
+
+The one stateful orchestrator: it normalises the user's parameters, asks layout.py where they go,
+packs them into FlatBuffers, builds the local base optimizer over this rank's pieces, and at every
+step syncs hyperparameters, runs the local update bucket by bucket and gathers each bucket back to
+every rank while the next one is updated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, overload
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+from shardoptim.buffers import FlatBuffers
+from shardoptim.comm import Comm, PendingGather
+from shardoptim.hparams import HPARAM_SYNC_MODES, HparamSync, copy_hparams_, sync_hparams_
+from shardoptim.kinds import Kind, resolve_impl_flags, resolve_kind, tensor_cost
+from shardoptim.layout import Layout, ShardRange, assign_whole_tensors, build_flat_layout, build_tensor_layout
+
+logger = logging.getLogger(__name__)
+
+#: Default soft cap on the elements of one bucket: 16 Mi elements (64 MiB of fp32). Large enough
+#: that a collective runs near full bandwidth, small enough that the gather of one bucket overlaps
+#: the update of the next on models of a few tens of millions of parameters and up.
+DEFAULT_BUCKET_NUMEL = 1 << 24
+
+_NOT_HPARAMS = ("params", "param_names")
+
+
+@dataclass(slots=True)
+class _Piece:
+    """The part of one parameter this rank owns, and the tensor the local optimizer updates."""
+
+    index: int
+    """Position of the parameter in `ShardedOptimizer._params`."""
+    bucket: int
+    """Position of its bucket in `ShardedOptimizer._buckets`."""
+    in_param: ShardRange
+    """Owned elements, as offsets inside the flattened parameter."""
+    local: torch.Tensor
+    """View into the bucket: 1-D for flat sharding, the parameter's shape for whole tensors."""
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """One flat buffer of full parameters and who owns what in it."""
+
+    buffer: torch.Tensor
+    bounds: tuple[int, ...]
+    """world_size + 1 offsets: rank r owns [bounds[r], bounds[r + 1]) of the buffer."""
+    param_indices: list[int]
+    group_to_locals: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+
+def _as_param_groups(params: Any) -> list[dict[str, Any]]:
+    """Normalise what torch.optim accepts (tensors, (name, tensor) pairs or dicts) into group dicts."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            "params must be an iterable of Tensors or of param-group dicts, got a single Tensor; "
+            "pass [tensor] or model.parameters()"
+        )
+    if isinstance(params, Mapping):
+        raise TypeError("params must be an iterable of param-group dicts, got one dict; wrap it in a list")
+    items = list(params)
+    if not items:
+        raise ValueError("ShardedOptimizer got an empty parameter list; pass model.parameters() or groups")
+    if all(isinstance(item, Mapping) for item in items):
+        groups = [dict(item) for item in items]
+    elif any(isinstance(item, Mapping) for item in items):
+        raise TypeError("params mixes tensors and param-group dicts; pass either tensors or dicts")
+    else:
+        groups = [{"params": items}]
+    for index, group in enumerate(groups):
+        if "params" not in group:
+            raise ValueError(f"param group {index} has no 'params' key (keys: {sorted(group)}); add one")
+        plist = group["params"]
+        plist = [plist] if isinstance(plist, torch.Tensor) else list(plist)
+        if plist and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in plist):
+            group["param_names"] = [name for name, _ in plist]
+            plist = [p for _, p in plist]
+        group["params"] = plist
+    return groups
+
+
+def _validate_params(groups: list[dict[str, Any]]) -> list[torch.Tensor]:
+    params: list[torch.Tensor] = []
+    seen: dict[int, tuple[int, int]] = {}
+    for g, group in enumerate(groups):
+        for i, p in enumerate(group["params"]):
+            where = f"param_groups[{g}]['params'][{i}]"
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{where} is a {type(p).__name__}, not a Tensor; pass model.parameters()")
+            if not p.is_leaf:
+                raise ValueError(
+                    f"{where} (shape {tuple(p.shape)}) is not a leaf tensor; optimize the leaf (e.g. the "
+                    "nn.Parameter), not a result computed from it"
+                )
+            if p.is_sparse or p.layout != torch.strided:
+                raise ValueError(
+                    f"{where} has layout {p.layout}; only dense (strided) parameters are supported"
+                )
+            if id(p) in seen:
+                raise ValueError(
+                    f"{where} is the same tensor as param_groups[{seen[id(p)][0]}]['params'][{seen[id(p)][1]}]; "
+                    "list every parameter once (tied weights appear once in model.parameters())"
+                )
+            seen[id(p)] = (g, i)
+            params.append(p)
+    device_types = sorted({p.device.type for p in params})
+    if len(device_types) > 1:
+        raise ValueError(
+            f"parameters are on different device types {device_types}; move the model to one device "
+            "(e.g. model.to(device)) before building the optimizer"
+        )
+    return params
+
+
+class ShardedOptimizer(Optimizer):
+    """Shard the state of any torch.optim optimizer across the ranks of a process group.
+
+    Every rank keeps identical full parameters; each rank keeps optimizer state only for the part
+    of the parameters it owns, runs the base optimizer's update on that part, and the updated parts
+    are then gathered back to every rank. Build it on every rank, after the model is on its device.
+
+    Args:
+        params: anything torch.optim accepts: tensors, (name, tensor) pairs or param-group dicts.
+        optimizer_class: the base optimizer class, e.g. torch.optim.AdamW.
+        process_group: the ranks to shard over; None is the default group (or a single process
+            when torch.distributed is not initialised).
+        sharding: "flat" cuts buckets into equal element ranges (for elementwise optimizers),
+            "tensor" gives each parameter whole to one rank, "auto" picks per class (see
+            shardoptim.kinds).
+        hparam_sync: "broadcast" (default) makes every group's numeric options equal to rank 0's
+            before each step; "check" raises if they differ; "off" trusts the user.
+        bucket_numel: soft cap on elements per bucket (one collective each).
+        **defaults: options for the base optimizer (lr, betas, ...). When neither `fused` nor
+            `foreach` is given, fused=True is used where the class supports it, else foreach=True.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        optimizer_class: type[Optimizer],
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        sharding: str = "auto",
+        hparam_sync: HparamSync = "broadcast",
+        bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+        **defaults: Any,
+    ) -> None:
+        self._kind: Kind = resolve_kind(optimizer_class, sharding)
+        if hparam_sync not in HPARAM_SYNC_MODES:
+            raise ValueError(f"hparam_sync must be one of {HPARAM_SYNC_MODES}, got {hparam_sync!r}")
+        if not isinstance(bucket_numel, int) or bucket_numel < 1:
+            raise ValueError(f"bucket_numel must be a positive int, got {bucket_numel!r}")
+        if self._kind == "lbfgs":
+            raise NotImplementedError(
+                "torch.optim.LBFGS needs the sharded LBFGS (issue #4), not yet available"
+            )
+        groups = _as_param_groups(params)
+        params_list = _validate_params(groups)
+        self._comm = Comm(process_group)
+        self._optimizer_class = optimizer_class
+        self._hparam_sync: HparamSync = hparam_sync
+        self._bucket_numel = bucket_numel
+        self._params: list[torch.Tensor] = []
+        self._buckets: list[_Bucket] = []
+        self._pieces: list[_Piece] = []
+        self._buffers: list[FlatBuffers] = []
+        self._building = True
+        resolved = resolve_impl_flags(optimizer_class, defaults, groups)
+        super().__init__(groups, resolved)
+        self._building = False
+
+        local_groups = self._place_params_(params_list, list(range(len(self.param_groups))))
+        self.optim: Optimizer = optimizer_class(local_groups, **resolved)
+        for buffers in self._buffers:
+            buffers.bind_params_(self._params)
+        for key, value in self.optim.defaults.items():
+            self.defaults.setdefault(key, value)
+        for wrapper_group, local_group in zip(self.param_groups, self.optim.param_groups):
+            for key, value in local_group.items():
+                if key not in _NOT_HPARAMS:
+                    wrapper_group.setdefault(key, value)
+        self._log_layout()
+
+    # ----------------------------------------------------------------------------------- layout
+
+    def _place_params_(
+        self, new_params: list[torch.Tensor], group_indices: list[int]
+    ) -> list[dict[str, Any]]:
+        """Lay out `new_params`, allocate their buckets and pieces; return the local group dicts.
+
+        The parameters are not yet bound to the buckets (the caller binds them once the local
+        optimizer accepted the groups, so a rejected option leaves the model untouched).
+        """
+        first_index = len(self._params)
+        first_bucket = len(self._buckets)
+        key_to_id: dict[tuple[str, torch.dtype, bool], int] = {}
+        keys = [
+            key_to_id.setdefault((str(p.device), p.dtype, p.requires_grad), len(key_to_id))
+            for p in new_params
+        ]
+        numels = [p.numel() for p in new_params]
+        layout: Layout
+        if self._kind == "flat":
+            layout = build_flat_layout(
+                numels, num_shards=self._comm.world_size, keys=keys, bucket_numel=self._bucket_numel
+            )
+        else:
+            cost = tensor_cost(self._optimizer_class)
+            owners = assign_whole_tensors(
+                [cost(p.shape) for p in new_params], num_shards=self._comm.world_size
+            )
+            layout = build_tensor_layout(
+                numels,
+                num_shards=self._comm.world_size,
+                owners=owners,
+                keys=keys,
+                bucket_numel=self._bucket_numel,
+            )
+        buffers = FlatBuffers(layout, new_params, offset=first_index)
+        self._layout = layout
+        self._params.extend(new_params)
+        self._buffers.append(buffers)
+        index_to_group = {}
+        for group_index in group_indices:
+            for p in self.param_groups[group_index]["params"]:
+                index_to_group[id(p)] = group_index
+        for b, bucket in enumerate(layout.buckets):
+            self._buckets.append(
+                _Bucket(
+                    buffers.buffers[b], bucket.bounds, [first_index + pl.index for pl in bucket.placements]
+                )
+            )
+        for piece in layout.local_slices(self._comm.rank):
+            param = new_params[piece.index]
+            shape = param.shape if self._kind == "tensor" else None
+            local = buffers.local_view(piece, shape=shape)
+            owner_bucket = self._buckets[first_bucket + piece.bucket]
+            owner_bucket.group_to_locals.setdefault(index_to_group[id(param)], []).append(local)
+            self._pieces.append(
+                _Piece(first_index + piece.index, first_bucket + piece.bucket, piece.in_param, local)
+            )
+        local_groups = []
+        for group_index in group_indices:
+            wrapper_group = self.param_groups[group_index]
+            locals_ = [
+                piece.local
+                for piece in self._pieces
+                if piece.index >= first_index and index_to_group[id(self._params[piece.index])] == group_index
+            ]
+            local_group = {k: v for k, v in wrapper_group.items() if k not in _NOT_HPARAMS}
+            local_group["params"] = locals_
+            local_groups.append(local_group)
+        return local_groups
+
+    def _log_layout(self) -> None:
+        if self._comm.rank != 0 or not logger.isEnabledFor(logging.INFO):
+            return
+        layout = self._layout
+        logger.info(
+            "ShardedOptimizer(%s, %s): %d ranks, %d buckets, %s elements per rank (max), imbalance %.6f",
+            self._optimizer_class.__name__,
+            self._kind,
+            self._comm.world_size,
+            len(layout.buckets),
+            f"{max(layout.rank_to_numel()):,}",
+            layout.imbalance(),
+        )
+
+    # ----------------------------------------------------------------------------------- API
+
+    @property
+    def sharding(self) -> Kind:
+        """How the state is sharded: "flat", "tensor" or "lbfgs"."""
+        return self._kind
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group on every rank; its parameters get buckets of their own.
+
+        Collective: call on every rank of the group, in the same order, with the same group.
+        """
+        if self._building:
+            super().add_param_group(param_group)
+            return
+        groups = _as_param_groups([param_group])
+        new_params = _validate_params(groups)
+        known = {id(p) for p in self._params}
+        clash = [i for i, p in enumerate(new_params) if id(p) in known]
+        if clash:
+            raise ValueError(
+                f"add_param_group: params {clash} of the new group are already in this optimizer; "
+                "each parameter may belong to one group only"
+            )
+        numel = torch.tensor([len(new_params), sum(p.numel() for p in new_params)], dtype=torch.float64)
+        gathered = self._comm.all_gather(numel.to(self._comm.device), what="add_param_group check").cpu()
+        if not bool((gathered == gathered[0]).all()):
+            raise ValueError(
+                f"{self._comm.prefix}add_param_group got different groups on different ranks "
+                f"((num_params, numel) per rank: {gathered.tolist()}); add the same group on every rank"
+            )
+        super().add_param_group(groups[0])
+        group_index = len(self.param_groups) - 1
+        try:
+            local_group = self._place_params_(new_params, [group_index])[0]
+            self.optim.add_param_group(local_group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._buffers[-1].bind_params_(self._params)
+        for key, value in self.optim.param_groups[-1].items():
+            if key not in _NOT_HPARAMS:
+                self.param_groups[-1].setdefault(key, value)
+
+    def local_state_nbytes(self) -> int:
+        """Return the bytes of optimizer-state tensors held by this rank (its shard only)."""
+        total = 0
+        for state in self.optim.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
+        return total
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Run one optimizer step on every rank: sync options, update the owned shard, gather.
+
+        Collective: call on every rank of the group, in the same order.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; called exactly once on every
+                rank (with grad enabled) before the update.
+
+        Returns:
+            The closure's loss, or None without a closure.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_storage()
+        sync_hparams_(self.param_groups, self._comm, mode=self._hparam_sync)
+        copy_hparams_(self._hparams_view(), self.optim.param_groups)
+        with torch.no_grad():
+            self._update_and_gather()
+        return loss
+
+    # ----------------------------------------------------------------------------------- step
+
+    def _hparams_view(self) -> list[dict[str, Any]]:
+        return [{k: v for k, v in g.items() if k not in _NOT_HPARAMS} for g in self.param_groups]
+
+    def _check_storage(self) -> None:
+        bad = [i for buffers in self._buffers for i in buffers.unbound(self._params)]
+        if bad:
+            p = self._params[bad[0]]
+            raise RuntimeError(
+                f"{self._comm.prefix}{len(bad)} parameter(s) no longer use the optimizer's storage (first: "
+                f"parameter {bad[0]}, shape {tuple(p.shape)}, {p.dtype} on {p.device}): their storage was "
+                "replaced after the optimizer was built (model.to(), .half(), load_state_dict(assign=True), "
+                "...). Build the ShardedOptimizer after moving or casting the model"
+            )
+
+    def _attach_grads(self, active: list[bool]) -> list[bool]:
+        """Point each local piece's .grad at its part of the full gradient; return per-bucket 'has work'."""
+        has_work = [False] * len(self._buckets)
+        for piece in self._pieces:
+            grad = self._params[piece.index].grad
+            if grad is None or not active[piece.bucket]:
+                piece.local.grad = None
+                continue
+            if self._kind == "tensor":
+                piece.local.grad = grad
+            else:
+                if grad.is_sparse:
+                    raise TypeError(
+                        f"{self._comm.prefix}parameter {piece.index} has a sparse gradient, which flat sharding "
+                        "cannot slice; use sharding='tensor' (e.g. with torch.optim.SparseAdam)"
+                    )
+                piece.local.grad = grad.reshape(-1).narrow(0, piece.in_param.start, piece.in_param.numel)
+            has_work[piece.bucket] = True
+        return has_work
+
+    def _update_and_gather(self) -> None:
+        # NOTE: a bucket is gathered when any of its parameters requires grad now. requires_grad is
+        # set by model code, the same on every rank, so every rank enters the same collectives;
+        # buckets of frozen parameters cost no communication until they are unfrozen.
+        active = [any(self._params[i].requires_grad for i in b.param_indices) for b in self._buckets]
+        has_work = self._attach_grads(active)
+        groups = self.optim.param_groups
+        saved = [g["params"] for g in groups]
+        pending: list[PendingGather] = []
+        try:
+            for b, bucket in enumerate(self._buckets):
+                if has_work[b]:
+                    for group_index, group in enumerate(groups):
+                        group["params"] = bucket.group_to_locals.get(group_index, [])
+                    self.optim.step()
+                if active[b]:
+                    pending.append(
+                        self._comm.gather_bucket_async(
+                            bucket.buffer, bucket.bounds, what=f"parameter gather (bucket {b})"
+                        )
+                    )
+        finally:
+            for group, plist in zip(groups, saved):
+                group["params"] = plist
+            for piece in self._pieces:
+                piece.local.grad = None
+        for handle in pending:
+            handle.wait()

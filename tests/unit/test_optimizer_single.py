@@ -1,0 +1,159 @@
+"""ShardedOptimizer in one process without torch.distributed: construction rules and errors."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import shardoptim
+from shardoptim import ShardedOptimizer
+from shardoptim.kinds import resolve_impl_flags, resolve_kind
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+
+
+def test_single_process_matches_torch_and_params_share_storage() -> None:
+    model, ref = _model(), _model()
+    opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    buffer = opt._buckets[0].buffer
+    for p in model.parameters():
+        assert buffer.data_ptr() <= p.data_ptr() < buffer.data_ptr() + buffer.numel() * 4
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(torch.ones(4, 8)).sum().backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+
+
+def test_defaults_merged_for_schedulers() -> None:
+    opt = ShardedOptimizer(_model().parameters(), torch.optim.Adam, lr=1e-3)
+    assert opt.defaults["betas"] == (0.9, 0.999)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+    assert opt.param_groups[0]["fused"] is True
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["betas"][0] != 0.9 or opt.param_groups[0]["lr"] != 1e-3
+
+
+def test_impl_flags() -> None:
+    p = [torch.zeros(3)]
+    assert resolve_impl_flags(torch.optim.AdamW, {}, [{"params": p}]) == {"fused": True}
+    assert resolve_impl_flags(torch.optim.NAdam, {}, [{"params": p}]) == {"foreach": True}
+    assert resolve_impl_flags(torch.optim.AdamW, {"foreach": True}, [{"params": p}]) == {"foreach": True}
+    assert resolve_impl_flags(torch.optim.AdamW, {"fused": False}, [{"params": p}]) == {"fused": False}
+    assert resolve_impl_flags(torch.optim.AdamW, {}, [{"params": p, "foreach": False}]) == {}
+    assert resolve_impl_flags(torch.optim.AdamW, {}, [{"params": [torch.zeros(2, dtype=torch.int64)]}]) == {
+        "foreach": True
+    }
+    assert resolve_impl_flags(torch.optim.LBFGS, {}, [{"params": p}]) == {}
+
+
+def test_user_choice_respected() -> None:
+    opt = ShardedOptimizer(_model().parameters(), torch.optim.AdamW, lr=1e-3, foreach=False)
+    assert opt.optim.param_groups[0]["foreach"] is False
+    assert opt.optim.param_groups[0]["fused"] is None
+
+
+def test_auto_kinds(caplog: pytest.LogCaptureFixture) -> None:
+    for name in ("SGD", "Adam", "AdamW", "Adamax", "Adagrad", "Adadelta", "RMSprop", "Rprop", "ASGD", "NAdam", "RAdam"):
+        assert resolve_kind(getattr(torch.optim, name), "auto") == "flat", name
+    for name in ("Adafactor", "Muon", "SparseAdam"):
+        assert resolve_kind(getattr(torch.optim, name), "auto") == "tensor", name
+    assert resolve_kind(torch.optim.LBFGS, "auto") == "lbfgs"
+
+    class Mine(torch.optim.SGD):
+        pass
+
+    with caplog.at_level(logging.INFO, logger="shardoptim.kinds"):
+        assert resolve_kind(Mine, "auto") == "tensor"
+    assert "register_elementwise" in caplog.text
+    shardoptim.register_elementwise(Mine)
+    assert resolve_kind(Mine, "auto") == "flat"
+    shardoptim.register_per_tensor(Mine)
+    assert resolve_kind(Mine, "auto") == "tensor"
+
+
+def test_error_param_listed_twice() -> None:
+    w = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"same tensor as param_groups\[0\]\['params'\]\[0\]"):
+        ShardedOptimizer([w, w], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="same tensor"):
+        ShardedOptimizer([{"params": [w]}, {"params": [w]}], torch.optim.SGD, lr=0.1)
+
+
+def test_error_mixed_device_types() -> None:
+    with pytest.raises(ValueError, match=r"different device types \['cpu', 'meta'\]"):
+        ShardedOptimizer(
+            [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, device="meta"))],
+            torch.optim.SGD,
+            lr=0.1,
+        )
+
+
+def test_error_not_an_optimizer_class() -> None:
+    with pytest.raises(TypeError, match="torch.optim.Optimizer subclass"):
+        ShardedOptimizer(_model().parameters(), torch.nn.Linear, lr=0.1)  # type: ignore[arg-type]
+    opt = torch.optim.SGD(_model().parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="not an instance"):
+        ShardedOptimizer(_model().parameters(), opt, lr=0.1)  # type: ignore[arg-type]
+
+
+def test_error_flat_forced_on_whole_tensor_optimizer() -> None:
+    with pytest.raises(ValueError, match="sharding='flat' would silently compute wrong updates for Adafactor"):
+        ShardedOptimizer(_model().parameters(), torch.optim.Adafactor, sharding="flat", lr=0.01)
+
+
+def test_error_bad_options() -> None:
+    with pytest.raises(ValueError, match="sharding must be one of"):
+        ShardedOptimizer(_model().parameters(), torch.optim.SGD, sharding="rows", lr=0.1)
+    with pytest.raises(ValueError, match="hparam_sync must be one of"):
+        ShardedOptimizer(_model().parameters(), torch.optim.SGD, hparam_sync="sometimes", lr=0.1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bucket_numel must be a positive int"):
+        ShardedOptimizer(_model().parameters(), torch.optim.SGD, bucket_numel=0, lr=0.1)
+
+
+def test_error_storage_replaced_after_build() -> None:
+    model = _model()
+    opt = ShardedOptimizer(model.parameters(), torch.optim.SGD, lr=0.1)
+    model.double()
+    model(torch.ones(1, 8, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match="Build the ShardedOptimizer after moving or casting the model"):
+        opt.step()
+
+
+def test_bad_lr_surfaces_and_model_untouched() -> None:
+    model = _model()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=-1.0)
+    assert ptrs == [p.data_ptr() for p in model.parameters()]
+
+
+def test_bad_params() -> None:
+    with pytest.raises(ValueError, match="empty parameter list"):
+        ShardedOptimizer([], torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="not a Tensor"):
+        ShardedOptimizer([1.0], torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="single Tensor"):
+        ShardedOptimizer(torch.zeros(2), torch.optim.SGD, lr=0.1)
+    leaf = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="not a leaf tensor"):
+        ShardedOptimizer([leaf * 2], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="has no 'params' key"):
+        ShardedOptimizer([{"lr": 0.1}], torch.optim.SGD, lr=0.1)
+
+
+def test_named_parameters_accepted() -> None:
+    model = _model()
+    opt = ShardedOptimizer(model.named_parameters(), torch.optim.SGD, lr=0.1)
+    assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+    model(torch.ones(2, 8)).sum().backward()
+    opt.step()
