@@ -13,7 +13,9 @@ For every model (see benchmarks/_shapes.py) and world size N it prints one markd
   actually allocates, alignment and padding included);
 - greedy: torch ZeroRedundancyOptimizer's parameter-granular partition (`greedy_param_partition`);
 - tensor: whole tensors assigned by element count (`assign_whole_tensors`), packed with
-  `build_tensor_layout`, `Layout.imbalance()`;
+  `build_tensor_layout`, `Layout.imbalance()`, and `tensor padded`, the summed bucket
+  `padded_numel` / total (the all-gather traffic and gathered-buffer size relative to the parameters;
+  each rank's range fits its own tensors, so this is ~1.0, alignment only);
 - muon: whole tensors assigned by `muon_cost(shape)`, reported as max / ideal in Muon-cost units and,
   for the same assignment, in elements.
 
@@ -65,6 +67,8 @@ class Row:
     """Buckets of the flat layout."""
     greedy: float
     tensor: float
+    tensor_padded: float
+    """Whole-tensor layout by element count, summed bucket padded_numel / total (gather traffic)."""
     muon_cost: float
     """Whole tensors by Muon cost, in Muon-cost units."""
     muon_numel: float
@@ -105,6 +109,7 @@ def measure(model: str, shapes: Sequence[tuple[int, ...]], num_shards: int) -> R
         num_buckets=len(flat.buckets),
         greedy=_max_over_ideal(greedy, total),
         tensor=tensor.imbalance(),
+        tensor_padded=tensor.padded_numel / total,
         muon_cost=_max_over_ideal(rank_to_cost, sum(costs)),
         muon_numel=muon.imbalance(),
     )
@@ -114,13 +119,13 @@ def format_table(rows: Sequence[Row]) -> str:
     """Return `rows` as a markdown table."""
     header = (
         "| model | params | elements | N | flat buckets | flat | flat padded | greedy (torch ZeRO) "
-        "| tensor (elements) | muon (cost) | muon (elements) |"
+        "| tensor (elements) | tensor padded | muon (cost) | muon (elements) |"
     )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for r in rows:
         lines.append(
             f"| {r.model} | {r.num_params} | {r.numel:,} | {r.num_shards} | {r.num_buckets} | {r.flat:.4f} "
-            f"| {r.flat_padded:.4f} | {r.greedy:.3f} | {r.tensor:.3f} | {r.muon_cost:.3f} "
+            f"| {r.flat_padded:.4f} | {r.greedy:.3f} | {r.tensor:.3f} | {r.tensor_padded:.4f} | {r.muon_cost:.3f} "
             f"| {r.muon_numel:.3f} |"
         )
     return "\n".join(lines)

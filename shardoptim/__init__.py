@@ -5,12 +5,14 @@ Public API only; see README.md.
 
 from __future__ import annotations
 
+from shardoptim.hparams import all_reduce_metric
 from shardoptim.kinds import register_elementwise, register_per_tensor
 from shardoptim.optimizer import DEFAULT_BUCKET_NUMEL, ShardedOptimizer
 
 __all__ = [
     "DEFAULT_BUCKET_NUMEL",
     "ShardedOptimizer",
+    "all_reduce_metric",
     "register_elementwise",
     "register_per_tensor",
 ]

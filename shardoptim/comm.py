@@ -184,6 +184,27 @@ class Comm:
             self.wait_work(work, what)
         return out.view(self.world_size, *tensor.shape)
 
+    def barrier(self, *, what: str) -> None:
+        """Wait until every rank got here (an all-reduce of one element, under the timeout).
+
+        Collective: call on every rank of the group, in the same order.
+        """
+        self.all_reduce_(torch.zeros(1, device=self.device), what=what)
+
+    def all_gather_object(self, obj: object, *, what: str) -> list[object]:
+        """Return every rank's small picklable `obj` (metadata only, never tensors of state).
+
+        Collective: call on every rank of the group, in the same order. Same result on every rank.
+        """
+        if self.world_size == 1:
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        try:
+            dist.all_gather_object(out, obj, group=self.group)
+        except RuntimeError as err:
+            raise RuntimeError(f"{self.prefix}{what} failed: {err}") from err
+        return out
+
     def send(self, tensor: torch.Tensor, *, dst: int, what: str) -> None:
         """Send `tensor` to rank `dst` of the group (point to point; pair with `recv` there)."""
         work = dist.isend(tensor, dst=self.global_rank(dst), group=self.group)

@@ -159,11 +159,12 @@ class ShardedOptimizer(Optimizer):
             raise ValueError(f"hparam_sync must be one of {HPARAM_SYNC_MODES}, got {hparam_sync!r}")
         if not isinstance(bucket_numel, int) or bucket_numel < 1:
             raise ValueError(f"bucket_numel must be a positive int, got {bucket_numel!r}")
-        if self._kind == "lbfgs":
-            raise NotImplementedError(
-                "torch.optim.LBFGS needs the sharded LBFGS (issue #4), not yet available"
-            )
         groups = _as_param_groups(params)
+        if self._kind == "lbfgs" and len(groups) != 1:
+            raise ValueError(
+                f"torch.optim.LBFGS supports one param group, got {len(groups)}; pass the parameters as one "
+                "group (LBFGS does not support per-parameter options)"
+            )
         params_list = _validate_params(groups)
         self._comm = Comm(process_group)
         self._optimizer_class = optimizer_class
@@ -173,13 +174,21 @@ class ShardedOptimizer(Optimizer):
         self._buckets: list[_Bucket] = []
         self._pieces: list[_Piece] = []
         self._buffers: list[FlatBuffers] = []
+        self._consolidated: dict[str, Any] | None = None
+        self._consolidated_to: int | None = None
         self._building = True
         resolved = resolve_impl_flags(optimizer_class, defaults, groups)
         super().__init__(groups, resolved)
         self._building = False
 
         local_groups = self._place_params_(params_list, list(range(len(self.param_groups))))
-        self.optim: Optimizer = optimizer_class(local_groups, **resolved)
+        self.optim: Optimizer
+        if self._kind == "lbfgs":
+            from shardoptim.lbfgs import ShardedLBFGS
+
+            self.optim = ShardedLBFGS(local_groups, shard=_ShardAccess(self), **resolved)
+        else:
+            self.optim = optimizer_class(local_groups, **resolved)
         for buffers in self._buffers:
             buffers.bind_params_(self._params)
         for key, value in self.optim.defaults.items():
@@ -209,7 +218,7 @@ class ShardedOptimizer(Optimizer):
         ]
         numels = [p.numel() for p in new_params]
         layout: Layout
-        if self._kind == "flat":
+        if self._kind != "tensor":
             layout = build_flat_layout(
                 numels, num_shards=self._comm.world_size, keys=keys, bucket_numel=self._bucket_numel
             )
@@ -327,6 +336,46 @@ class ShardedOptimizer(Optimizer):
             if key not in _NOT_HPARAMS:
                 self.param_groups[-1].setdefault(key, value)
 
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Gather the full optimizer state onto rank `to`, for a following `state_dict()` there.
+
+        Collective: call on every rank of the group, in the same order. Streams tensor by tensor
+        (no shard is pickled); the result is kept on rank `to` until the next `step`.
+        """
+        from shardoptim.state_dict import consolidate
+
+        self._consolidated = consolidate(self, to=to)
+        self._consolidated_to = to
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the consolidated state in the base optimizer's own format (rank `to` only).
+
+        Raises:
+            RuntimeError: consolidate_state_dict(to=...) was not called since the last step, or
+                this is not rank `to`.
+        """
+        if self._consolidated is None:
+            where = (
+                "on this rank"
+                if self._consolidated_to is None
+                else f"on rank {self._consolidated_to}, not on rank {self._comm.rank}"
+            )
+            raise RuntimeError(
+                f"{self._comm.prefix}no consolidated state {where}: call opt.consolidate_state_dict(to=r) on "
+                "every rank after the last step, then opt.state_dict() on rank r"
+            )
+        return self._consolidated
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a consolidated state_dict (or a plain torch.optim one) saved at any world size.
+
+        Call on every rank with the full dict; each rank keeps the part it owns. The caller's
+        dict is not modified.
+        """
+        from shardoptim.state_dict import load
+
+        load(self, state_dict)
+
     def local_state_nbytes(self) -> int:
         """Return the bytes of optimizer-state tensors held by this rank (its shard only)."""
         total = 0
@@ -354,11 +403,14 @@ class ShardedOptimizer(Optimizer):
         Returns:
             The closure's loss, or None without a closure.
         """
+        if self._kind == "lbfgs":
+            return self._step_lbfgs(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._check_storage()
+        self._consolidated = None
         sync_hparams_(self.param_groups, self._comm, mode=self._hparam_sync)
         copy_hparams_(self._hparams_view(), self.optim.param_groups)
         with torch.no_grad():
@@ -366,6 +418,26 @@ class ShardedOptimizer(Optimizer):
         return loss
 
     # ----------------------------------------------------------------------------------- step
+
+    def _step_lbfgs(self, closure: Callable[[], float] | None) -> float:
+        if closure is None:
+            raise ValueError(
+                "LBFGS needs a closure that re-evaluates the model and returns the loss: "
+                "opt.step(closure); see examples/lbfgs_fit.py"
+            )
+        self._check_storage()
+        sync_hparams_(self.param_groups, self._comm, mode=self._hparam_sync)
+        copy_hparams_(self._hparams_view(), self.optim.param_groups)
+        return self.optim.step(closure)  # type: ignore[no-any-return]
+
+    def _gather_all(self) -> None:
+        """All-gather every bucket so each rank holds the full parameters (Collective)."""
+        pending = [
+            self._comm.gather_bucket_async(b.buffer, b.bounds, what=f"parameter gather (bucket {i})")
+            for i, b in enumerate(self._buckets)
+        ]
+        for handle in pending:
+            handle.wait()
 
     def _hparams_view(self) -> list[dict[str, Any]]:
         return [{k: v for k, v in g.items() if k not in _NOT_HPARAMS} for g in self.param_groups]
@@ -429,3 +501,36 @@ class ShardedOptimizer(Optimizer):
                 piece.local.grad = None
         for handle in pending:
             handle.wait()
+
+
+class _ShardAccess:
+    """What the sharded LBFGS needs from its ShardedOptimizer: this rank's pieces and the gather."""
+
+    def __init__(self, owner: ShardedOptimizer) -> None:
+        self._owner = owner
+
+    @property
+    def comm(self) -> Comm:
+        return self._owner._comm
+
+    def local_params(self) -> list[torch.Tensor]:
+        """Return this rank's 1-D views of the parameters (writes go straight into the buckets)."""
+        return [piece.local for piece in self._owner._pieces]
+
+    def local_grads(self) -> list[torch.Tensor]:
+        """Return this rank's 1-D slices of the full gradients (zeros where a grad is None)."""
+        out = []
+        for piece in self._owner._pieces:
+            grad = self._owner._params[piece.index].grad
+            if grad is None:
+                out.append(torch.zeros_like(piece.local))
+            else:
+                out.append(grad.reshape(-1).narrow(0, piece.in_param.start, piece.in_param.numel))
+        return out
+
+    def gather_params(self) -> None:
+        """Make every rank's full parameters equal to the owners' pieces.
+
+        Collective: call on every rank of the group, in the same order.
+        """
+        self._owner._gather_all()
