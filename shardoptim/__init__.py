@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from shardoptim.hparams import all_reduce_metric
 from shardoptim.kinds import register_elementwise, register_per_tensor
+from shardoptim.launcher import DistInfo, init_distributed
 from shardoptim.optimizer import DEFAULT_BUCKET_NUMEL, ShardedOptimizer
 
 __all__ = [
     "DEFAULT_BUCKET_NUMEL",
+    "DistInfo",
     "ShardedOptimizer",
     "all_reduce_metric",
+    "init_distributed",
     "register_elementwise",
     "register_per_tensor",
 ]
