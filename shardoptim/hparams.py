@@ -26,6 +26,8 @@ HPARAM_SYNC_MODES: tuple[HparamSync, ...] = ("broadcast", "check", "off")
 _Entry = tuple[int, str, str, int]
 
 _MIN_CAPACITY = 64
+# Marks a packed vector whose values did not fit the agreed capacity (fingerprints are >= 0).
+_OVERFLOW = -1.0
 
 
 def _scalar_kind(value: object) -> str | None:
@@ -83,12 +85,15 @@ def _fingerprint(entries: Sequence[_Entry]) -> float:
     return float(zlib.crc32(repr([(g, k, kind, n) for g, k, kind, n in entries]).encode()))
 
 
-def pack_hparams(groups: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, list[_Entry]]:
+def pack_hparams(
+    groups: Sequence[Mapping[str, Any]], *, capacity: int | None = None
+) -> tuple[torch.Tensor, list[_Entry]]:
     """Pack the numeric options of `groups` into one float64 vector.
 
-    The vector is [schema fingerprint, number of values, values..., zero padding]; its length is a
-    power of two (at least 64) so ranks whose schemas differ slightly still enter a collective of
-    the same size and can report the difference instead of hanging.
+    The vector is [schema fingerprint, number of values, values..., zero padding]. Its length is
+    `capacity` (default: the next power of two >= 64 that fits); when the values do not fit in
+    `capacity`, it is [_OVERFLOW, the capacity needed, zeros...] so that every rank still enters
+    a collective of the same size and learns what size to agree on.
 
     Returns:
         The vector (on CPU) and the schema that `unpack_hparams_` needs.
@@ -97,8 +102,11 @@ def pack_hparams(groups: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, lis
     flat: list[float] = []
     for index, key, _kind_name, _length in entries:
         flat.extend(_values(groups[index][key]))
-    capacity = max(_MIN_CAPACITY, 1 << math.ceil(math.log2(len(flat) + 2)))
-    packed = torch.zeros(capacity, dtype=torch.float64)
+    needed = max(_MIN_CAPACITY, 1 << math.ceil(math.log2(len(flat) + 2)))
+    packed = torch.zeros(needed if capacity is None else capacity, dtype=torch.float64)
+    if capacity is not None and needed > capacity:
+        packed[0], packed[1] = _OVERFLOW, needed
+        return packed, entries
     packed[0] = _fingerprint(entries)
     packed[1] = len(flat)
     if flat:
@@ -136,12 +144,18 @@ def unpack_hparams_(
         offset += length
 
 
+def _same(rows: torch.Tensor) -> bool:
+    """True when every row equals the first (NaN equal to NaN)."""
+    equal = (rows == rows[0]) | (torch.isnan(rows) & torch.isnan(rows[0]))
+    return bool(equal.all())
+
+
 def _describe_mismatch(gathered: torch.Tensor, entries: Sequence[_Entry]) -> str:
     """Name the first (group, key) whose values differ across the rows of `gathered`."""
     offset = 2
     for index, key, _kind_name, length in entries:
         rows = gathered[:, offset : offset + length]
-        if not bool((rows == rows[0]).all()):
+        if not _same(rows):
             per_rank = ", ".join(
                 f"rank {r}: {row.tolist() if length > 1 else row.item()}" for r, row in enumerate(rows)
             )
@@ -150,43 +164,68 @@ def _describe_mismatch(gathered: torch.Tensor, entries: Sequence[_Entry]) -> str
     return "the packed hyperparameters differ across ranks"
 
 
-def sync_hparams_(groups: Sequence[dict[str, Any]], comm: Comm, *, mode: HparamSync) -> None:
-    """Make the numeric options of `groups` identical on every rank, or check that they are.
+class HparamSyncer:
+    """Keeps the agreed size of the packed vector between steps and runs the per-step sync.
 
-    "broadcast" overwrites every rank's values with rank 0's; "check" raises RuntimeError on every
-    rank when any value differs, naming the group, the key and the value on each rank; "off" does
-    nothing.
+    Args:
+        comm: the shard group.
+        mode: "broadcast", "check" or "off" (see `sync_`).
+    """
+
+    def __init__(self, comm: Comm, mode: HparamSync) -> None:
+        if mode not in HPARAM_SYNC_MODES:
+            raise ValueError(f"hparam_sync must be one of {HPARAM_SYNC_MODES}, got {mode!r}")
+        self.comm = comm
+        self.mode: HparamSync = mode
+        self.capacity = _MIN_CAPACITY
+
+    def sync_(self, groups: Sequence[dict[str, Any]]) -> None:
+        """Make the numeric options of `groups` identical on every rank, or check that they are.
+
+        "broadcast" overwrites every rank's values with rank 0's; "check" raises RuntimeError on
+        every rank when any value differs, naming the group, the key and the value on each rank;
+        "off" does nothing. Both other modes use one all-gather of a small float64 vector (a
+        second one only when the options outgrow the agreed size), so a rank whose groups differ
+        in structure makes every rank raise the same error instead of leaving rank 0 waiting.
+
+        Collective: call on every rank of the group, in the same order (except with mode "off").
+        """
+        comm = self.comm
+        if self.mode == "off" or comm.world_size == 1:
+            return
+        packed, entries = pack_hparams(groups, capacity=self.capacity)
+        gathered = comm.all_gather(packed.to(comm.device), what=f"hyperparameter {self.mode}").cpu()
+        overflow = gathered[:, 0] == _OVERFLOW
+        if bool(overflow.any()):
+            self.capacity = int(gathered[overflow, 1].max().item())
+            packed, entries = pack_hparams(groups, capacity=self.capacity)
+            gathered = comm.all_gather(packed.to(comm.device), what=f"hyperparameter {self.mode}").cpu()
+        fingerprints = gathered[:, 0]
+        if not bool((fingerprints == fingerprints[0]).all()):
+            mine = [sorted(k for k in g if k not in ("params", "param_names")) for g in groups]
+            raise RuntimeError(
+                f"{comm.prefix}param_groups differ in structure across ranks (groups, keys or value types; "
+                f"ranks with rank 0's structure: {(fingerprints == fingerprints[0]).nonzero().flatten().tolist()}; "
+                f"this rank has {len(groups)} groups with keys {mine}). Make the same param_group changes "
+                "(add_param_group, new keys, schedulers) on every rank"
+            )
+        if self.mode == "broadcast":
+            unpack_hparams_(groups, gathered[0], entries)
+            return
+        if not _same(gathered):
+            raise RuntimeError(
+                f"{comm.prefix}hparam_sync='check': {_describe_mismatch(gathered, entries)}. Change "
+                "hyperparameters identically on every rank (e.g. reduce a ReduceLROnPlateau metric with "
+                "shardoptim.all_reduce_metric), or use hparam_sync='broadcast'"
+            )
+
+
+def sync_hparams_(groups: Sequence[dict[str, Any]], comm: Comm, *, mode: HparamSync) -> None:
+    """Run one `HparamSyncer(comm, mode).sync_(groups)` (for callers that keep no syncer).
 
     Collective: call on every rank of the group, in the same order (except with mode "off").
     """
-    if mode == "off" or comm.world_size == 1:
-        return
-    packed, entries = pack_hparams(groups)
-    packed = packed.to(comm.device)
-    if mode == "broadcast":
-        fingerprint = packed[0].item()
-        comm.broadcast_(packed, src=0, what="hyperparameter broadcast")
-        if packed[0].item() != fingerprint:
-            raise RuntimeError(
-                f"{comm.prefix}param_groups differ in structure from rank 0 (different groups, keys or "
-                f"value types; this rank has {len(groups)} groups with keys "
-                f"{[sorted(k for k in g if k != 'params') for g in groups]}). Make the same "
-                "param_group changes (add_param_group, new keys) on every rank"
-            )
-        unpack_hparams_(groups, packed.cpu(), entries)
-        return
-    gathered = comm.all_gather(packed, what="hyperparameter check").cpu()
-    if not bool((gathered == gathered[0]).all()):
-        if not bool((gathered[:, 0] == gathered[0, 0]).all()):
-            raise RuntimeError(
-                f"{comm.prefix}param_groups differ in structure across ranks (groups, keys or value "
-                "types); make the same param_group changes on every rank"
-            )
-        raise RuntimeError(
-            f"{comm.prefix}hparam_sync='check': {_describe_mismatch(gathered, entries)}. Change "
-            "hyperparameters identically on every rank (e.g. reduce a ReduceLROnPlateau metric with "
-            "shardoptim.all_reduce_metric), or use hparam_sync='broadcast'"
-        )
+    HparamSyncer(comm, mode).sync_(groups)
 
 
 def copy_hparams_(src: Sequence[Mapping[str, Any]], dst: Sequence[dict[str, Any]]) -> None:

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from shardoptim.buffers import FlatBuffers
 from shardoptim.comm import Comm, PendingGather
-from shardoptim.hparams import HPARAM_SYNC_MODES, HparamSync, copy_hparams_, sync_hparams_
+from shardoptim.hparams import HparamSync, HparamSyncer, copy_hparams_
 from shardoptim.kinds import Kind, resolve_impl_flags, resolve_kind, tensor_cost
 from shardoptim.layout import Layout, ShardRange, assign_whole_tensors, build_flat_layout, build_tensor_layout
 
@@ -155,8 +155,6 @@ class ShardedOptimizer(Optimizer):
         **defaults: Any,
     ) -> None:
         self._kind: Kind = resolve_kind(optimizer_class, sharding)
-        if hparam_sync not in HPARAM_SYNC_MODES:
-            raise ValueError(f"hparam_sync must be one of {HPARAM_SYNC_MODES}, got {hparam_sync!r}")
         if not isinstance(bucket_numel, int) or bucket_numel < 1:
             raise ValueError(f"bucket_numel must be a positive int, got {bucket_numel!r}")
         groups = _as_param_groups(params)
@@ -167,8 +165,8 @@ class ShardedOptimizer(Optimizer):
             )
         params_list = _validate_params(groups)
         self._comm = Comm(process_group)
+        self._hparams = HparamSyncer(self._comm, hparam_sync)
         self._optimizer_class = optimizer_class
-        self._hparam_sync: HparamSync = hparam_sync
         self._bucket_numel = bucket_numel
         self._params: list[torch.Tensor] = []
         self._buckets: list[_Bucket] = []
@@ -411,7 +409,7 @@ class ShardedOptimizer(Optimizer):
                 loss = closure()
         self._check_storage()
         self._consolidated = None
-        sync_hparams_(self.param_groups, self._comm, mode=self._hparam_sync)
+        self._hparams.sync_(self.param_groups)
         copy_hparams_(self._hparams_view(), self.optim.param_groups)
         with torch.no_grad():
             self._update_and_gather()
@@ -426,7 +424,7 @@ class ShardedOptimizer(Optimizer):
                 "opt.step(closure); see examples/lbfgs_fit.py"
             )
         self._check_storage()
-        sync_hparams_(self.param_groups, self._comm, mode=self._hparam_sync)
+        self._hparams.sync_(self.param_groups)
         copy_hparams_(self._hparams_view(), self.optim.param_groups)
         return self.optim.step(closure)  # type: ignore[no-any-return]
 
