@@ -139,6 +139,7 @@ class ShardedOptimizer(Optimizer):
         hparam_sync: "broadcast" (default) makes every group's numeric options equal to rank 0's
             before each step; "check" raises if they differ; "off" trusts the user.
         bucket_numel: soft cap on elements per bucket (one collective each).
+        verify_every: run `verify_replicas()` after every this many steps (0: never).
         **defaults: options for the base optimizer (lr, betas, ...). When neither `fused` nor
             `foreach` is given, fused=True is used where the class supports it, else foreach=True.
     """
@@ -152,11 +153,18 @@ class ShardedOptimizer(Optimizer):
         sharding: str = "auto",
         hparam_sync: HparamSync = "broadcast",
         bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+        verify_every: int = 0,
         **defaults: Any,
     ) -> None:
         self._kind: Kind = resolve_kind(optimizer_class, sharding)
         if not isinstance(bucket_numel, int) or bucket_numel < 1:
             raise ValueError(f"bucket_numel must be a positive int, got {bucket_numel!r}")
+        if not isinstance(verify_every, int) or verify_every < 0:
+            raise ValueError(
+                f"verify_every must be an int >= 0 (0 turns the check off), got {verify_every!r}"
+            )
+        self._verify_every = verify_every
+        self._num_steps = 0
         groups = _as_param_groups(params)
         if self._kind == "lbfgs" and len(groups) != 1:
             raise ValueError(
@@ -374,14 +382,28 @@ class ShardedOptimizer(Optimizer):
 
         load(self, state_dict)
 
+    def verify_replicas(self) -> None:
+        """Raise on every rank, naming the first parameter that differs, if replicas diverged.
+
+        Compares an exact checksum of every parameter and the packed hyperparameters.
+
+        Collective: call on every rank of the group, in the same order.
+        """
+        from shardoptim.replicas import verify_replicas
+
+        verify_replicas(self)
+
     def local_state_nbytes(self) -> int:
         """Return the bytes of optimizer-state tensors held by this rank (its shard only)."""
-        total = 0
-        for state in self.optim.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    total += value.numel() * value.element_size()
-        return total
+
+        def nbytes(value: object) -> int:
+            if isinstance(value, torch.Tensor):
+                return value.numel() * value.element_size()
+            if isinstance(value, (list, tuple)):
+                return sum(nbytes(v) for v in value)
+            return 0
+
+        return sum(nbytes(value) for state in self.optim.state.values() for value in state.values())
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -413,6 +435,9 @@ class ShardedOptimizer(Optimizer):
         copy_hparams_(self._hparams_view(), self.optim.param_groups)
         with torch.no_grad():
             self._update_and_gather()
+        self._num_steps += 1
+        if self._verify_every and self._num_steps % self._verify_every == 0:
+            self.verify_replicas()
         return loss
 
     # ----------------------------------------------------------------------------------- step
