@@ -50,7 +50,7 @@ def _to_bytes_tensor(obj: object) -> torch.Tensor:
 
 def _from_bytes_tensor(tensor: torch.Tensor, what: str, path: Path) -> Any:
     try:
-        return torch.load(io.BytesIO(tensor.numpy().tobytes()), weights_only=True)
+        return torch.load(io.BytesIO(bytes(tensor.contiguous().untyped_storage())), weights_only=True)
     except Exception as err:
         raise ValueError(
             f"checkpoint {path}: cannot read {what} ({err}); the file is corrupt or truncated"
