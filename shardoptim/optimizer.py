@@ -313,6 +313,10 @@ class ShardedOptimizer(Optimizer):
         if self._building:
             super().add_param_group(param_group)
             return
+        if self._kind == "lbfgs":
+            raise ValueError(
+                "torch.optim.LBFGS supports one param group; pass every parameter when building the optimizer"
+            )
         groups = _as_param_groups([param_group])
         new_params = _validate_params(groups)
         known = {id(p) for p in self._params}
@@ -449,9 +453,10 @@ class ShardedOptimizer(Optimizer):
                 "opt.step(closure); see examples/lbfgs_fit.py"
             )
         self._check_storage()
+        self._consolidated = None
         self._hparams.sync_(self.param_groups)
         copy_hparams_(self._hparams_view(), self.optim.param_groups)
-        return self.optim.step(closure)  # type: ignore[no-any-return]
+        return self.optim.step(closure)
 
     def _gather_all(self) -> None:
         """All-gather every bucket so each rank holds the full parameters (Collective)."""

@@ -78,9 +78,9 @@ def consolidate(opt: ShardedOptimizer, *, to: int) -> dict[str, Any] | None:
     if not 0 <= to < comm.world_size:
         raise ValueError(f"to={to} is not a rank of the group (world size {comm.world_size})")
     if opt.sharding == "lbfgs":
-        from shardoptim.lbfgs import consolidate_lbfgs
+        from shardoptim.lbfgs_state import consolidate_lbfgs
 
-        return consolidate_lbfgs(opt, to=to)  # type: ignore[no-any-return]
+        return consolidate_lbfgs(opt, to=to)
     mine = _local_meta(opt)
     rank_to_meta = cast(
         list[dict[int, tuple[int, int, dict[str, _Spec]]]],
@@ -92,9 +92,7 @@ def consolidate(opt: ShardedOptimizer, *, to: int) -> dict[str, Any] | None:
     state: dict[int, dict[str, Any]] = {}
     for index, param in enumerate(opt._params):
         owners = sorted(
-            (meta[index][0], meta[index][1], rank)
-            for rank, meta in enumerate(rank_to_meta)
-            if index in meta  # type: ignore[operator]
+            (meta[index][0], meta[index][1], rank) for rank, meta in enumerate(rank_to_meta) if index in meta
         )
         if not owners:
             continue
@@ -195,7 +193,7 @@ def load(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
     modified and nothing is shared with it. No communication.
     """
     if opt.sharding == "lbfgs":
-        from shardoptim.lbfgs import load_lbfgs
+        from shardoptim.lbfgs_state import load_lbfgs
 
         load_lbfgs(opt, state_dict)
         return
