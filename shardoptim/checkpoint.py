@@ -185,12 +185,18 @@ def save(
     if comm.rank == 0 and partial.exists():
         shutil.rmtree(partial)
     comm.barrier(what="checkpoint.save (start)")
-    dcp_save(
-        tensors,
-        checkpoint_id=str(partial),
-        process_group=comm.group,
-        no_dist=not comm.is_distributed or comm.world_size == 1,
-    )
+    try:
+        dcp_save(
+            tensors,
+            checkpoint_id=str(partial),
+            process_group=comm.group,
+            no_dist=not comm.is_distributed or comm.world_size == 1,
+        )
+    except (Exception, CheckpointException) as err:  # NOTE: CheckpointException is a BaseException
+        raise RuntimeError(
+            f"{comm.prefix}checkpoint.save (writing {partial}) failed: {err}. A peer rank may have died; "
+            f"{final} is untouched"
+        ) from err
     comm.barrier(what="checkpoint.save (all written)")
     if comm.rank == 0:
         _publish(partial, final)
@@ -320,25 +326,26 @@ def load(
             f"checkpoint {where} has {len(meta['param_groups'])} param groups but this optimizer has "
             f"{len(optimizer.param_groups)}; build the optimizer with the same groups"
         )
-    index_to_values = _read_pieces(optimizer, where, meta, tensors, names)
-    load_pieces(optimizer, meta["param_groups"], index_to_values)
-    if model is not None:
-        model_keys = {f"model/{k}": v for k, v in model.state_dict().items()}
-        missing = sorted(k for k in model_keys if k not in tensors)
-        if missing:
-            raise ValueError(
-                f"checkpoint {where} lacks model entries {missing[:5]}; was it saved with model=...?"
-            )
-        loaded = _read(where, {k: tensors[k] for k in model_keys})
-        with torch.no_grad():
-            for key, target in model_keys.items():
-                target.copy_(loaded[key])
+    # Everything that can fail is read and checked before anything is changed.
+    model_keys = {} if model is None else {f"model/{k}": v for k, v in model.state_dict().items()}
+    missing = sorted(k for k in model_keys if k not in tensors)
+    if missing:
+        raise ValueError(
+            f"checkpoint {where} lacks model entries {missing[:5]}; was it saved with model=...?"
+        )
     payload: dict[str, Any] = {}
     if _EXTRA in tensors:
         payload = _from_bytes_tensor(_read(where, {_EXTRA: tensors[_EXTRA]})[_EXTRA], "its extras", where)
+    absent = sorted(k for k in (extra or {}) if k not in payload)
+    if absent:
+        raise ValueError(f"checkpoint {where} has no extras {absent} (it has {sorted(payload)})")
+    index_to_values = _read_pieces(optimizer, where, meta, tensors, names)
+    loaded = _read(where, {k: tensors[k] for k in model_keys})
+    load_pieces(optimizer, meta["param_groups"], index_to_values)
+    with torch.no_grad():
+        for key, target in model_keys.items():
+            target.copy_(loaded[key])
     for key, obj in (extra or {}).items():
-        if key not in payload:
-            raise ValueError(f"checkpoint {where} has no extra {key!r} (it has {sorted(payload)})")
         if hasattr(obj, "load_state_dict"):
             obj.load_state_dict(payload[key])
     return payload

@@ -121,6 +121,23 @@ def _validate_params(groups: list[dict[str, Any]]) -> list[torch.Tensor]:
     return params
 
 
+def _probe_complex_support(
+    optimizer_class: type[Optimizer], defaults: dict[str, Any], params: list[torch.Tensor]
+) -> None:
+    """Raise torch's own error now if `optimizer_class` cannot step complex parameters.
+
+    Many optimizers only reject complex tensors inside `step`, which under sharding would fail on
+    the owning rank only, after other buckets were already updated. A 2x2 probe per complex dtype
+    surfaces the same error at construction, on every rank.
+    """
+    for dtype in sorted({p.dtype for p in params if p.is_complex()}, key=str):
+        device = next(p.device for p in params if p.dtype == dtype)
+        probe = torch.zeros(2, 2, dtype=dtype, device=device, requires_grad=True)
+        grad = torch.zeros_like(probe)
+        probe.grad = grad.to_sparse() if optimizer_class is torch.optim.SparseAdam else grad
+        optimizer_class([probe], **defaults).step()
+
+
 class ShardedOptimizer(Optimizer):
     """Shard the state of any torch.optim optimizer across the ranks of a process group.
 
@@ -157,9 +174,9 @@ class ShardedOptimizer(Optimizer):
         **defaults: Any,
     ) -> None:
         self._kind: Kind = resolve_kind(optimizer_class, sharding)
-        if not isinstance(bucket_numel, int) or bucket_numel < 1:
+        if isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 1:
             raise ValueError(f"bucket_numel must be a positive int, got {bucket_numel!r}")
-        if not isinstance(verify_every, int) or verify_every < 0:
+        if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:
             raise ValueError(
                 f"verify_every must be an int >= 0 (0 turns the check off), got {verify_every!r}"
             )
@@ -184,17 +201,24 @@ class ShardedOptimizer(Optimizer):
         self._consolidated_to: int | None = None
         self._building = True
         resolved = resolve_impl_flags(optimizer_class, defaults, groups)
+        if self._kind != "lbfgs":
+            _probe_complex_support(optimizer_class, resolved, params_list)
         super().__init__(groups, resolved)
         self._building = False
 
         local_groups = self._place_params_(params_list, list(range(len(self.param_groups))))
         self.optim: Optimizer
-        if self._kind == "lbfgs":
-            from shardoptim.lbfgs import ShardedLBFGS
+        failure: Exception | None = None
+        try:
+            if self._kind == "lbfgs":
+                from shardoptim.lbfgs import ShardedLBFGS
 
-            self.optim = ShardedLBFGS(local_groups, shard=_ShardAccess(self), **resolved)
-        else:
-            self.optim = optimizer_class(local_groups, **resolved)
+                self.optim = ShardedLBFGS(local_groups, shard=_ShardAccess(self), **resolved)
+            else:
+                self.optim = optimizer_class(local_groups, **resolved)
+        except Exception as err:
+            failure = err
+        self._raise_if_any_rank_failed(failure, what=f"{optimizer_class.__name__} rejected the parameters")
         for buffers in self._buffers:
             buffers.bind_params_(self._params)
         for key, value in self.optim.defaults.items():
@@ -276,6 +300,26 @@ class ShardedOptimizer(Optimizer):
             local_groups.append(local_group)
         return local_groups
 
+    def _raise_if_any_rank_failed(self, failure: Exception | None, *, what: str) -> None:
+        """Raise on every rank when the local step `what` failed on any rank (else return).
+
+        The failing rank re-raises its own exception unchanged; the others raise a ValueError that
+        names that rank and its message, so no rank is left waiting in a later collective.
+
+        Collective: call on every rank of the group, in the same order.
+        """
+        if self._comm.world_size == 1:
+            if failure is not None:
+                raise failure
+            return
+        mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+        messages = self._comm.all_gather_object(mine, what=what)
+        if failure is not None:
+            raise failure
+        for rank, message in enumerate(messages):
+            if message is not None:
+                raise ValueError(f"{self._comm.prefix}{what} on rank {rank}: {message}")
+
     def _log_layout(self) -> None:
         if self._comm.rank != 0 or not logger.isEnabledFor(logging.INFO):
             return
@@ -319,6 +363,12 @@ class ShardedOptimizer(Optimizer):
             )
         groups = _as_param_groups([param_group])
         new_params = _validate_params(groups)
+        types = sorted({p.device.type for p in new_params} | {self._params[0].device.type})
+        if len(types) > 1:
+            raise ValueError(
+                f"add_param_group: the new parameters' device types {types} differ from this optimizer's "
+                f"({self._params[0].device.type}); move them to the same device first"
+            )
         known = {id(p) for p in self._params}
         clash = [i for i, p in enumerate(new_params) if id(p) in known]
         if clash:
@@ -434,7 +484,9 @@ class ShardedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_storage()
+        self._check_grads()
         self._consolidated = None
+        self._consolidated_to = None
         self._hparams.sync_(self.param_groups)
         copy_hparams_(self._hparams_view(), self.optim.param_groups)
         with torch.no_grad():
@@ -454,6 +506,7 @@ class ShardedOptimizer(Optimizer):
             )
         self._check_storage()
         self._consolidated = None
+        self._consolidated_to = None
         self._hparams.sync_(self.param_groups)
         copy_hparams_(self._hparams_view(), self.optim.param_groups)
         return self.optim.step(closure)
@@ -477,9 +530,20 @@ class ShardedOptimizer(Optimizer):
             raise RuntimeError(
                 f"{self._comm.prefix}{len(bad)} parameter(s) no longer use the optimizer's storage (first: "
                 f"parameter {bad[0]}, shape {tuple(p.shape)}, {p.dtype} on {p.device}): their storage was "
-                "replaced after the optimizer was built (model.to(), .half(), load_state_dict(assign=True), "
-                "...). Build the ShardedOptimizer after moving or casting the model"
+                "replaced after the optimizer was built (model.to(), .half(), ...). Build the ShardedOptimizer "
+                "after moving or casting the model"
             )
+
+    def _check_grads(self) -> None:
+        """Reject gradients flat sharding cannot slice, on every rank (grads are the same everywhere)."""
+        if self._kind != "flat":
+            return
+        for index, param in enumerate(self._params):
+            if param.grad is not None and param.grad.is_sparse:
+                raise TypeError(
+                    f"{self._comm.prefix}parameter {index} (shape {tuple(param.shape)}) has a sparse gradient, "
+                    "which flat sharding cannot slice; use sharding='tensor' (e.g. with torch.optim.SparseAdam)"
+                )
 
     def _attach_grads(self, active: list[bool]) -> list[bool]:
         """Point each local piece's .grad at its part of the full gradient; return per-bucket 'has work'."""
@@ -492,11 +556,6 @@ class ShardedOptimizer(Optimizer):
             if self._kind == "tensor":
                 piece.local.grad = grad
             else:
-                if grad.is_sparse:
-                    raise TypeError(
-                        f"{self._comm.prefix}parameter {piece.index} has a sparse gradient, which flat sharding "
-                        "cannot slice; use sharding='tensor' (e.g. with torch.optim.SparseAdam)"
-                    )
                 piece.local.grad = grad.reshape(-1).narrow(0, piece.in_param.start, piece.in_param.numel)
             has_work[piece.bucket] = True
         return has_work

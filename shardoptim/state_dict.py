@@ -165,7 +165,22 @@ def validate(opt: ShardedOptimizer, state_dict: Any) -> list[Mapping[str, Any]]:
             f"load_state_dict expects an optimizer state_dict with 'state' and 'param_groups', got {keys}; pass "
             "what opt.state_dict() (after consolidate_state_dict) or a torch.optim optimizer returned"
         )
+    if not isinstance(state_dict["state"], Mapping) or not isinstance(
+        state_dict["param_groups"], (list, tuple)
+    ):
+        raise TypeError(
+            f"state_dict['state'] must be a dict and state_dict['param_groups'] a list, got "
+            f"{type(state_dict['state']).__name__} and {type(state_dict['param_groups']).__name__}"
+        )
     saved_groups = list(state_dict["param_groups"])
+    bad = [
+        g for g, saved in enumerate(saved_groups) if not isinstance(saved, Mapping) or "params" not in saved
+    ]
+    if bad:
+        raise ValueError(
+            f"state_dict param groups {bad} are not dicts with a 'params' list; the state_dict is damaged or "
+            "not an optimizer state_dict"
+        )
     if len(saved_groups) != len(opt.param_groups):
         raise ValueError(
             f"state_dict has {len(saved_groups)} param groups but this optimizer has {len(opt.param_groups)}; "
@@ -204,7 +219,7 @@ def load(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
     for index, pid in enumerate(index_to_saved_id):
         param = opt._params[index]
         for key, value in saved_state.get(pid, {}).items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and flat and value.shape != param.shape:
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and not _fits(value, param, flat=flat):
                 raise ValueError(
                     f"state of parameter {index} key {key!r} has shape {tuple(value.shape)} but the parameter has "
                     f"shape {tuple(param.shape)}; the state_dict is from another model"
@@ -247,6 +262,21 @@ def load_pieces(
     opt.optim.load_state_dict({"state": local_state, "param_groups": local_groups})
     for saved, group in zip(saved_groups, opt.param_groups):
         group.update({k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", "param_names")})
+
+
+def _fits(value: torch.Tensor, param: torch.Tensor, *, flat: bool) -> bool:
+    """True when a saved state tensor can belong to `param`.
+
+    Flat sharding slices per-element state, so it must have the parameter's shape. Whole-tensor
+    optimizers also keep factored state (Adafactor's row and column variances): a tensor of the
+    parameter's rank whose every dimension is the parameter's or 1 is accepted; any other shape is
+    another model's.
+    """
+    if value.shape == param.shape:
+        return True
+    if flat:
+        return False
+    return value.dim() == param.dim() and all(v in (p, 1) for v, p in zip(value.shape, param.shape))
 
 
 def _slice(value: Any, piece: Any, flat: bool) -> Any:

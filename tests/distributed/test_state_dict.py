@@ -159,8 +159,9 @@ def _check_load_errors(rank: int, world_size: int) -> None:
     other = [torch.nn.Parameter(torch.zeros(4, 4)) for _ in range(5)]
     with pytest.raises(ValueError, match="from another model"):
         ShardedOptimizer(_groups(other), torch.optim.AdamW, lr=1e-2).load_state_dict(sd)
+    copies = [p.detach().clone().requires_grad_() for p in params]
     with pytest.raises(ValueError, match="param group 0: state_dict has 3 parameters, this optimizer 2"):
-        ShardedOptimizer([{"params": params[:2]}, {"params": params[3:]}], torch.optim.AdamW).load_state_dict(sd)
+        ShardedOptimizer([{"params": copies[:2]}, {"params": copies[3:]}], torch.optim.AdamW).load_state_dict(sd)
     sgd = torch.optim.SGD(_groups([p.detach().clone().requires_grad_() for p in params]), lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="different optimizer class"):
         opt.load_state_dict(sgd.state_dict())
