@@ -8,8 +8,9 @@ Two layouts share one representation (a list of `BucketLayout`):
 
 - flat: parameters are packed back to back (each start aligned) and every bucket is cut into
   `num_shards` equal ranges that ignore tensor boundaries;
-- tensor: every parameter is owned whole by one rank; each bucket holds one region per rank
-  (rank-major), every region padded to the bucket's largest, so one all-gather per bucket serves.
+- tensor: every parameter is owned whole by one rank; each bucket holds one range per rank
+  (rank-major) that fits exactly that rank's tensors, so one set of collectives per bucket (one
+  broadcast per rank, or one all-gather when the ranges happen to be equal) delivers them all.
 """
 
 from __future__ import annotations
@@ -267,10 +268,13 @@ def build_flat_layout(
     return Layout(num_shards, tuple(buckets))
 
 
-def assign_whole_tensors(costs: Sequence[float], *, num_shards: int) -> list[int]:
+def assign_whole_tensors(
+    costs: Sequence[float], *, num_shards: int, initial_loads: Sequence[float] | None = None
+) -> list[int]:
     """Assign every tensor to one rank, balancing the summed cost (longest processing time first).
 
     Ties are broken by index and by rank, so the result is the same on every rank.
+    `initial_loads` (one per rank) is the cost each rank already carries, e.g. from earlier groups.
 
     Returns:
         `index_to_owner`: the owning rank of each tensor.
@@ -278,7 +282,12 @@ def assign_whole_tensors(costs: Sequence[float], *, num_shards: int) -> list[int
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
-    heap = [(0.0, rank) for rank in range(num_shards)]
+    if initial_loads is not None and len(initial_loads) != num_shards:
+        raise ValueError(f"initial_loads needs one value per rank ({num_shards}), got {len(initial_loads)}")
+    heap = [
+        (0.0 if initial_loads is None else float(initial_loads[rank]), rank) for rank in range(num_shards)
+    ]
+    heapq.heapify(heap)
     owners = [0] * len(costs)
     for index in order:
         load, rank = heapq.heappop(heap)

@@ -197,6 +197,8 @@ class ShardedOptimizer(Optimizer):
         self._buckets: list[_Bucket] = []
         self._pieces: list[_Piece] = []
         self._buffers: list[FlatBuffers] = []
+        self._layouts: list[Layout] = []
+        self._tensor_loads = [0.0] * self._comm.world_size
         self._consolidated: dict[str, Any] | None = None
         self._consolidated_to: int | None = None
         self._building = True
@@ -254,9 +256,12 @@ class ShardedOptimizer(Optimizer):
             )
         else:
             cost = tensor_cost(self._optimizer_class)
+            costs = [cost(p.shape) for p in new_params]
             owners = assign_whole_tensors(
-                [cost(p.shape) for p in new_params], num_shards=self._comm.world_size
+                costs, num_shards=self._comm.world_size, initial_loads=self._tensor_loads
             )
+            for owner, value in zip(owners, costs):
+                self._tensor_loads[owner] += value
             layout = build_tensor_layout(
                 numels,
                 num_shards=self._comm.world_size,
@@ -266,6 +271,7 @@ class ShardedOptimizer(Optimizer):
             )
         buffers = FlatBuffers(layout, new_params, offset=first_index)
         self._layout = layout
+        self._layouts.append(layout)
         self._params.extend(new_params)
         self._buffers.append(buffers)
         index_to_group = {}
@@ -323,16 +329,25 @@ class ShardedOptimizer(Optimizer):
     def _log_layout(self) -> None:
         if self._comm.rank != 0 or not logger.isEnabledFor(logging.INFO):
             return
-        layout = self._layout
+        rank_to_numel = self.rank_to_numel()
+        total = sum(rank_to_numel)
         logger.info(
             "ShardedOptimizer(%s, %s): %d ranks, %d buckets, %s elements per rank (max), imbalance %.6f",
             self._optimizer_class.__name__,
             self._kind,
             self._comm.world_size,
-            len(layout.buckets),
-            f"{max(layout.rank_to_numel()):,}",
-            layout.imbalance(),
+            len(self._buckets),
+            f"{max(rank_to_numel):,}",
+            max(rank_to_numel) * len(rank_to_numel) / total if total else 1.0,
         )
+
+    def rank_to_numel(self) -> list[int]:
+        """Return the parameter elements whose state each rank owns (all groups; no communication)."""
+        totals = [0] * self._comm.world_size
+        for layout in self._layouts:
+            for rank, numel in enumerate(layout.rank_to_numel()):
+                totals[rank] += numel
+        return totals
 
     # ----------------------------------------------------------------------------------- API
 

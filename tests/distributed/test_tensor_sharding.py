@@ -363,3 +363,18 @@ def test_balance_with_one_huge_embedding(ranks4: Any) -> None:
     assert len(owners) == 1 and loads[owners[0]] >= numels[0]
     assert max(loads) == numels[0], "the small tensors all fit beside the huge one"
     assert results[0]["imbalance"] > 3.0
+
+
+def _check_add_param_group_balances(rank: int, world_size: int) -> list[int]:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 64, generator=gen)) for _ in range(4)]
+    opt = ShardedOptimizer([params[0]], torch.optim.Adafactor)
+    for p in params[1:]:
+        opt.add_param_group({"params": [p]})
+    return opt.rank_to_numel()
+
+
+def test_add_param_group_keeps_whole_tensor_balance(ranks2: Any) -> None:
+    """Groups added one by one are balanced against what each rank already owns."""
+    results = ranks2.run(_check_add_param_group_balances)
+    assert results[0] == results[1] == [2 * 4096, 2 * 4096]
