@@ -229,3 +229,30 @@ def test_state_is_one_nth(ranks4: Any) -> None:
     for r in results:
         moments = r["nbytes"] - 4 * r["steps"]  # fused AdamW keeps a 4-byte step per piece
         assert abs(moments - ideal) / ideal < 0.01, (moments, ideal)
+
+
+def _check_gather_methods(rank: int, world_size: int, *, method: str) -> str:
+    torch.manual_seed(0)
+    model, ref = _Net(), _Net()
+    ref.load_state_dict(model.state_dict())
+    opt = ShardedOptimizer(_groups(model, CASES["AdamW"]), torch.optim.AdamW, bucket_numel=512)
+    if method != "auto":
+        opt._comm.gather_method = method  # type: ignore[assignment]
+    ref_opt = torch.optim.AdamW(_groups(ref, CASES["AdamW"]), fused=True)
+    assert len(opt._buckets) > 1
+    for step in range(3):
+        _averaged_grads_(model, step, rank, world_size)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+        opt.step()
+        ref_opt.step()
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+        assert _replicas_equal(list(model.parameters()))
+    return str(opt._comm.gather_method)
+
+
+@pytest.mark.parametrize("method", ["auto", "shm", "broadcast", "all_gather"])
+def test_every_gather_method(ranks3: Any, method: str) -> None:
+    """Each bucket gather path gives the same bitwise result; one host + gloo picks shared memory."""
+    results = ranks3.run(_check_gather_methods, method=method)
+    assert results == [("shm" if method == "auto" else method)] * 3
