@@ -7,7 +7,8 @@ OMP_NUM_THREADS=1, each configuration in freshly spawned ranks, it prints per wo
 - consolidate_state_dict(to=0) time for shardoptim and for torch's ZeroRedundancyOptimizer, and the
   peak extra resident memory during it on the receiving rank and on the sending ranks (VmHWM reset
   through /proc/self/clear_refs just before);
-- torch.save of the consolidated dict on rank 0 (the "consolidated save");
+- torch.save of the consolidated dict on rank 0, fsynced and renamed into place like the sharded
+  save (the "consolidated save");
 - shardoptim.checkpoint.save (sharded, every rank writes its part in parallel) and load times.
 Medians over --repeats runs inside one process set.
 """
@@ -104,8 +105,14 @@ def _bench_shardoptim(rank: int, world_size: int, *, scale: float, repeats: int,
     full_path = Path(tmp) / "full.pt"
 
     def save_full() -> None:
+        # The same durability as checkpoint.save: write a temporary file, fsync it, rename it.
         if rank == 0:
-            torch.save(opt.state_dict(), full_path)
+            tmp_path = full_path.with_suffix(".partial")
+            with open(tmp_path, "wb") as handle:
+                torch.save(opt.state_dict(), handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_path, full_path)
 
     for _ in range(repeats):
         seconds, extra, _ = _timed_extra(lambda: opt.consolidate_state_dict(to=0))
@@ -166,7 +173,7 @@ def main() -> int:
                 f"{zero[0]['extra']:.0f}",
                 f"{zero_send_extra:.0f}",
             ],
-            ["consolidated save (torch.save on rank 0)", f"{mine[0]['save_full']:.3f}", "", ""],
+            ["consolidated save (torch.save + fsync + rename on rank 0)", f"{mine[0]['save_full']:.3f}", "", ""],
             ["shardoptim.checkpoint.save (sharded, parallel)", f"{mine[0]['save']:.3f}", "", ""],
             ["shardoptim.checkpoint.load (sharded)", f"{mine[0]['load']:.3f}", "", ""],
         ]
