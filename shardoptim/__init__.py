@@ -5,6 +5,7 @@ Public API only; see README.md.
 
 from __future__ import annotations
 
+from shardoptim import checkpoint  # a module: shardoptim.checkpoint.save/load
 from shardoptim.hparams import all_reduce_metric
 from shardoptim.kinds import register_elementwise, register_per_tensor
 from shardoptim.launcher import DistInfo, init_distributed
@@ -15,6 +16,7 @@ __all__ = [
     "DistInfo",
     "ShardedOptimizer",
     "all_reduce_metric",
+    "checkpoint",
     "init_distributed",
     "register_elementwise",
     "register_per_tensor",
