@@ -15,6 +15,7 @@ Run from the repository root (after `pip install -e .`, or with PYTHONPATH=. in 
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -120,6 +121,10 @@ def main() -> None:
         print(f"{STEPS} steps in {time.perf_counter() - start:.1f} s")
         for r, (muon_bytes, adamw_bytes) in enumerate(per_rank):
             print(f"rank {r}: optimizer state  Muon {muon_bytes:,} B  AdamW {adamw_bytes:,} B")
+    # NOTE: release DDP's reducer before the process group is destroyed; torch 2.13 can otherwise
+    # hang or abort in its gloo teardown at interpreter exit.
+    del net
+    gc.collect()
     if distributed:
         dist.destroy_process_group()
 

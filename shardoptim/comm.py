@@ -98,7 +98,7 @@ class Comm:
             self._staging = SharedStaging(
                 self.rank,
                 functools.partial(self.all_gather_object, what="shared-memory setup"),
-                functools.partial(self.barrier, what="shared-memory gather"),
+                functools.partial(self.peer_barrier, what="parameter gather (shared memory)"),
             )
         return self._staging
 
@@ -216,6 +216,27 @@ class Comm:
         Collective: call on every rank of the group, in the same order.
         """
         self.all_reduce_(torch.zeros(1, device=self.device), what=what)
+
+    def peer_barrier(self, *, what: str) -> None:
+        """Wait until every rank got here, hearing from each rank directly.
+
+        One one-element broadcast per rank: a rank that died is noticed by every survivor at
+        once (a ring all-reduce would leave some survivors waiting on a live peer until timeout).
+
+        Collective: call on every rank of the group, in the same order.
+        """
+        if self.world_size == 1:
+            return
+        flags = torch.zeros(self.world_size, device=self.device)
+        works = []
+        for rank in range(self.world_size):
+            work = dist.broadcast(
+                flags[rank : rank + 1], src=self.global_rank(rank), group=self.group, async_op=True
+            )
+            assert work is not None
+            works.append(work)
+        for work in works:
+            self.wait_work(work, what)
 
     def all_gather_object(self, obj: object, *, what: str) -> list[object]:
         """Return every rank's small picklable `obj` (metadata only, never tensors of state).
