@@ -40,15 +40,6 @@ def _grads_(model: torch.nn.Module, step: int) -> None:
         p.grad = torch.randn(p.shape, generator=gen)
 
 
-def _reference(name: str, steps: int, flags: dict[str, Any]) -> _Net:
-    model = _Net()
-    ref = getattr(torch.optim, name)(_groups(model), **OPTIONS[name], **flags)
-    for step in range(steps):
-        _grads_(model, step)
-        ref.step()
-    return model
-
-
 def _flags(opt: ShardedOptimizer) -> dict[str, Any]:
     return {k: opt.param_groups[0][k] for k in ("fused", "foreach") if opt.param_groups[0].get(k) is not None}
 
