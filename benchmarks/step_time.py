@@ -30,17 +30,21 @@ time.perf_counter; a step's time is the max over ranks (all_reduce MAX) and the 
 median over steps. It prints, per world size, one markdown table with: median step ms, ratios to
 ZeRO default / ZeRO best / unsharded fused, optimizer-state MiB per rank (max over ranks; every
 state tensor, the 4-byte `step` scalars included), state / ideal where ideal = 8 bytes x numel / N
-(exp_avg + exp_avg_sq; the `step` scalars are excluded from this ratio), and peak extra RSS (max
-over ranks of peak RSS minus the RSS measured right after the params and grads were built). Then
-it prints the target check lines for N = 2 (shardoptim <= 0.35x ZeRO default, <= 0.8x ZeRO best,
-state within 0.1% of total / N on every rank).
+(exp_avg + exp_avg_sq; the `step` scalars are excluded from this ratio), peak extra RSS (max over
+ranks of peak RSS minus the RSS measured right after the params and grads were built) and step CPU
+ms (median over steps of the max over ranks of the CPU time of step(), every thread of the rank
+included: less sensitive than wall time to other load on the machine). Then it prints the target
+check lines for N = 2 (shardoptim <= 0.35x ZeRO default, <= 0.8x ZeRO best, state within 0.1% of
+total / N on every rank) and exits with status 1 if one fails.
 
 `--bucket-numels` adds one row per bucket size for each shardoptim configuration in `--configs`
-(or for plain "shardoptim" when none is). `--repeat R` runs the whole sequence R
-times, interleaved, pools the timed steps of each row and adds a column of the per-run medians (the
-spread shows the noise). `--profile` adds, after the timed steps of every shardoptim run, a
-breakdown of its step by phase on each rank (hparam sync, local update, gather issue, gather wait,
-other) and the local update and the gather of all buckets each timed alone.
+(or for plain "shardoptim" when none is). `--repeat R` runs the whole sequence R times,
+interleaved, pools the timed steps of each row and adds a column of the per-run medians (the spread
+shows the noise). `--profile` adds, after the timed steps of every shardoptim run and in the same
+ranks, a breakdown of its step by phase on each rank (hparam sync, local update, gather issue,
+gather wait, other; the shared-memory gather is synchronous, so it shows under "gather issue"), and
+the local update and the gather of all buckets, each timed alone and one after the other, with
+their CPU and kernel CPU time.
 
 The machine is shared: read the load average printed at the top, and run twice to see the noise.
 """

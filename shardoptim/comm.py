@@ -149,8 +149,10 @@ class Comm:
         works: list[dist.Work] = []
         method = self._resolve_gather_method()
         if method == "shm" and bucket.device.type == "cpu":
-            self._shared_staging().gather_(bucket, bounds)
-        elif method == "all_gather" and len(set(sizes)) == 1:
+            if self._shared_staging().gather_(bucket, bounds):
+                return PendingGather(self, [], what)
+            self.gather_method = method = "broadcast"  # /dev/shm too small: same on every rank
+        if method == "all_gather" and len(set(sizes)) == 1:
             mine = bucket.narrow(0, bounds[self.rank], sizes[self.rank])
             work = _all_gather_single(bucket, mine, group=self.group, async_op=True)
             assert work is not None

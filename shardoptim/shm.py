@@ -11,6 +11,7 @@ Must not import shardoptim.optimizer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -60,27 +61,52 @@ class SharedStaging:
         self._barrier = barrier
         self._buffer = torch.empty(0, dtype=torch.uint8)
 
-    def _ensure(self, nbytes: int) -> None:
-        """Grow the buffer to at least `nbytes` (Collective: every rank sees the same sizes)."""
+    def _ensure(self, nbytes: int) -> bool:
+        """Grow the buffer to at least `nbytes`; return False on every rank if /dev/shm is too small.
+
+        Rank 0 reserves the file's blocks with posix_fallocate before anyone maps it: a sparse
+        mapping of a too-small tmpfs would otherwise die with SIGBUS on first touch.
+
+        Collective: every rank sees the same sizes, in the same order.
+        """
         if nbytes <= self._buffer.numel():
-            return
-        name = self._all_gather_object(f"shardoptim-{uuid.uuid4().hex}" if self._rank == 0 else None)[0]
-        path = os.path.join(SHM_DIR, str(name))
+            return True
+        name: str | None = None
         if self._rank == 0:
-            self._buffer = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-        self._barrier()
-        if self._rank != 0:
-            self._buffer = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+            name = f"shardoptim-{uuid.uuid4().hex}"
+            path = os.path.join(SHM_DIR, name)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, nbytes)
+                finally:
+                    os.close(fd)
+            except OSError as err:
+                logger.warning(
+                    "cannot reserve %d bytes in %s (%s); gathering through gloo instead", nbytes, SHM_DIR, err
+                )
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                name = None
+        name = self._all_gather_object(name)[0]  # type: ignore[assignment]
+        if name is None:
+            return False
+        path = os.path.join(SHM_DIR, str(name))
+        self._buffer = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         self._barrier()
         if self._rank == 0:
             os.unlink(path)  # the mappings stay valid; nothing is left behind in /dev/shm
+        return True
 
-    def gather_(self, bucket: torch.Tensor, bounds: Sequence[int]) -> None:
+    def gather_(self, bucket: torch.Tensor, bounds: Sequence[int]) -> bool:
         """Fill every rank's range of `bucket` from its owner through the shared buffer.
+
+        Returns False (on every rank, having done nothing) when the staging buffer cannot grow.
 
         Collective: call on every rank of the group, in the same order, with the same sizes.
         """
-        self._ensure(bucket.numel() * bucket.element_size())
+        if not self._ensure(bucket.numel() * bucket.element_size()):
+            return False
         stage = self._buffer[: bucket.numel() * bucket.element_size()].view(bucket.dtype)
         start, end = bounds[self._rank], bounds[self._rank + 1]
         stage[start:end].copy_(bucket[start:end])
@@ -88,3 +114,4 @@ class SharedStaging:
         bucket[:start].copy_(stage[:start])
         bucket[end:].copy_(stage[end:])
         self._barrier()
+        return True

@@ -12,7 +12,10 @@ from shardoptim import ShardedOptimizer
 
 # Two param groups with different, non-default options for each elementwise optimizer.
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "SGD": (dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), dict(lr=0.02, momentum=0.5, dampening=0.1, maximize=True)),
+    "SGD": (
+        dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+        dict(lr=0.02, momentum=0.5, dampening=0.1, maximize=True),
+    ),
     "Adam": (dict(lr=1e-2, amsgrad=True, weight_decay=0.1), dict(lr=3e-3, betas=(0.8, 0.9), maximize=True)),
     "AdamW": (dict(lr=1e-2, weight_decay=0.1, amsgrad=True), dict(lr=2e-3, weight_decay=0.0)),
     "Adamax": (dict(lr=1e-2, weight_decay=0.1), dict(lr=5e-3, maximize=True)),
@@ -21,7 +24,10 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "RMSprop": (dict(lr=1e-2, centered=True, momentum=0.5), dict(lr=5e-3, alpha=0.9, weight_decay=0.01)),
     "Rprop": (dict(lr=1e-2, etas=(0.4, 1.3)), dict(lr=5e-3, step_sizes=(1e-5, 10.0), maximize=True)),
     "ASGD": (dict(lr=1e-2, t0=2.0, lambd=1e-3, weight_decay=0.01), dict(lr=5e-3, alpha=0.5)),
-    "NAdam": (dict(lr=1e-2, decoupled_weight_decay=True, weight_decay=0.1, momentum_decay=5e-3), dict(lr=5e-3)),
+    "NAdam": (
+        dict(lr=1e-2, decoupled_weight_decay=True, weight_decay=0.1, momentum_decay=5e-3),
+        dict(lr=5e-3),
+    ),
     "RAdam": (dict(lr=1e-2, decoupled_weight_decay=True, weight_decay=0.1), dict(lr=5e-3, betas=(0.8, 0.95))),
 }
 
@@ -69,14 +75,18 @@ def _replicas_equal(tensors: list[torch.Tensor]) -> bool:
     return all(torch.equal(out[0], o) for o in out)
 
 
-def _check_parity(rank: int, world_size: int, *, name: str, steps: int, none_grad_step: int = -1) -> dict[str, Any]:
+def _check_parity(
+    rank: int, world_size: int, *, name: str, steps: int, none_grad_step: int = -1
+) -> dict[str, Any]:
     torch.manual_seed(0)
     cls = getattr(torch.optim, name)
     model = _Net()
     ref = _Net()
     ref.load_state_dict(model.state_dict())
     opt = ShardedOptimizer(_groups(model, CASES[name]), cls)
-    flags = {k: opt.param_groups[0][k] for k in ("fused", "foreach") if opt.param_groups[0].get(k) is not None}
+    flags = {
+        k: opt.param_groups[0][k] for k in ("fused", "foreach") if opt.param_groups[0].get(k) is not None
+    }
     ref_opt = cls(_groups(ref, CASES[name]), **flags)
     for step in range(steps):
         _averaged_grads_(model, step, rank, world_size)
@@ -256,3 +266,24 @@ def test_every_gather_method(ranks3: Any, method: str) -> None:
     """Each bucket gather path gives the same bitwise result; one host + gloo picks shared memory."""
     results = ranks3.run(_check_gather_methods, method=method)
     assert results == [("shm" if method == "auto" else method)] * 3
+
+
+def _check_shm_full_falls_back(rank: int, world_size: int) -> str:
+    import errno
+    import os
+
+    real = os.posix_fallocate
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    os.posix_fallocate = full  # a /dev/shm too small for the staging buffer
+    try:
+        return _check_gather_methods(rank, world_size, method="auto")
+    finally:
+        os.posix_fallocate = real
+
+
+def test_full_dev_shm_falls_back_to_gloo(ranks2: Any) -> None:
+    """No SIGBUS and no divergence: every rank agrees to gather through gloo broadcasts instead."""
+    assert ranks2.run(_check_shm_full_falls_back) == ["broadcast", "broadcast"]
