@@ -98,7 +98,7 @@ class Comm:
             self._staging = SharedStaging(
                 self.rank,
                 functools.partial(self.all_gather_object, what="shared-memory setup"),
-                functools.partial(self.peer_barrier, what="parameter gather (shared memory)"),
+                functools.partial(self.barrier, what="parameter gather (shared memory)"),
             )
         return self._staging
 
@@ -213,13 +213,6 @@ class Comm:
         return out.view(self.world_size, *tensor.shape)
 
     def barrier(self, *, what: str) -> None:
-        """Wait until every rank got here (an all-reduce of one element, under the timeout).
-
-        Collective: call on every rank of the group, in the same order.
-        """
-        self.all_reduce_(torch.zeros(1, device=self.device), what=what)
-
-    def peer_barrier(self, *, what: str) -> None:
         """Wait until every rank got here, hearing from each rank directly.
 
         One one-element broadcast per rank: a rank that died is noticed by every survivor at

@@ -21,6 +21,10 @@ from shardoptim.comm import Comm
 HparamSync = Literal["broadcast", "check", "off"]
 HPARAM_SYNC_MODES: tuple[HparamSync, ...] = ("broadcast", "check", "off")
 
+#: Group keys that describe which parameters a group holds, not how to update them: never
+#: packed, synced or copied between the wrapper's groups and the local optimizer's.
+STRUCTURE_KEYS = ("params", "param_names")
+
 # One packed entry: (group index, key, kind, number of floats). Kinds: "bool", "int", "float",
 # "tensor", "tuple:<kinds of the elements>".
 _Entry = tuple[int, str, str, int]
@@ -202,7 +206,7 @@ class HparamSyncer:
             gathered = comm.all_gather(packed.to(comm.device), what=f"hyperparameter {self.mode}").cpu()
         fingerprints = gathered[:, 0]
         if not bool((fingerprints == fingerprints[0]).all()):
-            mine = [sorted(k for k in g if k not in ("params", "param_names")) for g in groups]
+            mine = [sorted(k for k in g if k not in STRUCTURE_KEYS) for g in groups]
             raise RuntimeError(
                 f"{comm.prefix}param_groups differ in structure across ranks (groups, keys or value types; "
                 f"ranks with rank 0's structure: {(fingerprints == fingerprints[0]).nonzero().flatten().tolist()}; "
@@ -229,12 +233,12 @@ def sync_hparams_(groups: Sequence[dict[str, Any]], comm: Comm, *, mode: HparamS
 
 
 def copy_hparams_(src: Sequence[Mapping[str, Any]], dst: Sequence[dict[str, Any]]) -> None:
-    """Copy every option but "params" from each group of `src` into the matching group of `dst`."""
+    """Copy every option but the STRUCTURE_KEYS from each group of `src` into the same group of `dst`."""
     if len(src) != len(dst):
         raise RuntimeError(f"cannot copy hyperparameters of {len(src)} groups into {len(dst)} groups")
     for s, d in zip(src, dst):
         for key, value in s.items():
-            if key != "params":
+            if key not in STRUCTURE_KEYS:
                 d[key] = value
 
 

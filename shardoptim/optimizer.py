@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from shardoptim.buffers import FlatBuffers
 from shardoptim.comm import Comm, PendingGather
-from shardoptim.hparams import HparamSync, HparamSyncer, copy_hparams_
+from shardoptim.hparams import STRUCTURE_KEYS, HparamSync, HparamSyncer, copy_hparams_
 from shardoptim.kinds import Kind, resolve_impl_flags, resolve_kind, tensor_cost
 from shardoptim.layout import Layout, ShardRange, assign_whole_tensors, build_flat_layout, build_tensor_layout
 
@@ -29,8 +29,6 @@ logger = logging.getLogger(__name__)
 #: that a collective runs near full bandwidth, small enough that the gather of one bucket overlaps
 #: the update of the next on models of a few tens of millions of parameters and up.
 DEFAULT_BUCKET_NUMEL = 1 << 24
-
-_NOT_HPARAMS = ("params", "param_names")
 
 
 @dataclass(slots=True)
@@ -227,7 +225,7 @@ class ShardedOptimizer(Optimizer):
             self.defaults.setdefault(key, value)
         for wrapper_group, local_group in zip(self.param_groups, self.optim.param_groups):
             for key, value in local_group.items():
-                if key not in _NOT_HPARAMS:
+                if key not in STRUCTURE_KEYS:
                     wrapper_group.setdefault(key, value)
         self._log_layout()
 
@@ -301,7 +299,7 @@ class ShardedOptimizer(Optimizer):
                 for piece in self._pieces
                 if piece.index >= first_index and index_to_group[id(self._params[piece.index])] == group_index
             ]
-            local_group = {k: v for k, v in wrapper_group.items() if k not in _NOT_HPARAMS}
+            local_group = {k: v for k, v in wrapper_group.items() if k not in STRUCTURE_KEYS}
             local_group["params"] = locals_
             local_groups.append(local_group)
         return local_groups
@@ -408,7 +406,7 @@ class ShardedOptimizer(Optimizer):
             raise
         self._buffers[-1].bind_params_(self._params)
         for key, value in self.optim.param_groups[-1].items():
-            if key not in _NOT_HPARAMS:
+            if key not in STRUCTURE_KEYS:
                 self.param_groups[-1].setdefault(key, value)
 
     def consolidate_state_dict(self, to: int = 0) -> None:
@@ -503,7 +501,7 @@ class ShardedOptimizer(Optimizer):
         self._consolidated = None
         self._consolidated_to = None
         self._hparams.sync_(self.param_groups)
-        copy_hparams_(self._hparams_view(), self.optim.param_groups)
+        copy_hparams_(self.param_groups, self.optim.param_groups)
         with torch.no_grad():
             self._update_and_gather()
         self._num_steps += 1
@@ -523,7 +521,7 @@ class ShardedOptimizer(Optimizer):
         self._consolidated = None
         self._consolidated_to = None
         self._hparams.sync_(self.param_groups)
-        copy_hparams_(self._hparams_view(), self.optim.param_groups)
+        copy_hparams_(self.param_groups, self.optim.param_groups)
         return self.optim.step(closure)
 
     def _gather_all(self) -> None:
@@ -534,9 +532,6 @@ class ShardedOptimizer(Optimizer):
         ]
         for handle in pending:
             handle.wait()
-
-    def _hparams_view(self) -> list[dict[str, Any]]:
-        return [{k: v for k, v in g.items() if k not in _NOT_HPARAMS} for g in self.param_groups]
 
     def _check_storage(self) -> None:
         bad = [i for buffers in self._buffers for i in buffers.unbound(self._params)]

@@ -45,7 +45,7 @@ def verify_replicas(opt: ShardedOptimizer) -> None:
     if comm.world_size == 1:
         return
     sums = [checksum(p) for p in opt._params]
-    packed, entries = pack_hparams(opt.param_groups)
+    packed, _ = pack_hparams(opt.param_groups)
     local = torch.tensor(sums, dtype=torch.int64)
     hparams = packed.view(torch.int64)
     mine = torch.cat([torch.tensor([local.numel(), hparams.numel()], dtype=torch.int64), local, hparams])
@@ -62,8 +62,8 @@ def verify_replicas(opt: ShardedOptimizer) -> None:
         column = rows[:, 2 + index]
         if not bool((column == column[0]).all()):
             p = opt._params[index]
-            names = opt.param_groups[0].get("param_names")
-            label = f"parameter {index}" + (f" ({names[index]})" if names and index < len(names) else "")
+            names = [n for g in opt.param_groups for n in g.get("param_names", [None] * len(g["params"]))]
+            label = f"parameter {index}" + (f" ({names[index]})" if names[index] else "")
             bad = (column != column[0]).nonzero().flatten().tolist()
             raise RuntimeError(
                 f"{comm.prefix}verify_replicas: {label}, shape {tuple(p.shape)}, differs between rank 0 and "
@@ -76,4 +76,3 @@ def verify_replicas(opt: ShardedOptimizer) -> None:
             f"{comm.prefix}verify_replicas: the param_group options differ across ranks; use "
             "hparam_sync='broadcast' or change options identically on every rank"
         )
-    del entries

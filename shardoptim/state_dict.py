@@ -13,11 +13,14 @@ per-parameter metadata goes through `all_gather_object`.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+
+from shardoptim.hparams import STRUCTURE_KEYS
 
 if TYPE_CHECKING:
     from shardoptim.optimizer import ShardedOptimizer
@@ -32,6 +35,7 @@ _SCHEDULER_KEYS = frozenset(
 )
 
 
+@functools.cache
 def _all_optimizer_option_names() -> frozenset[str]:
     names: set[str] = set()
     for obj in vars(torch.optim).values():
@@ -257,11 +261,11 @@ def load_pieces(
                 local_state[local_index] = dict(values)
             indices.append(local_index)
             local_index += 1
-        options = {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", "param_names")}
+        options = {k: copy.deepcopy(v) for k, v in saved.items() if k not in STRUCTURE_KEYS}
         local_groups.append({**options, "params": indices})
     opt.optim.load_state_dict({"state": local_state, "param_groups": local_groups})
     for saved, group in zip(saved_groups, opt.param_groups):
-        group.update({k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", "param_names")})
+        group.update({k: copy.deepcopy(v) for k, v in saved.items() if k not in STRUCTURE_KEYS})
 
 
 def _fits(value: torch.Tensor, param: torch.Tensor, *, flat: bool) -> bool:
