@@ -1,0 +1,81 @@
+"""Check shardoptim.mpi_comm: the launcher check in-process, the collectives under `mpiexec -n 2` and `-n 3`.
+
+The collectives run tests/launch/_mpi_comm_script.py through launch/mpirun.sh (the MPICH from pip:
+`pip install --only-binary=:all: mpi4py mpich`), like tests/launch/test_launchers.py; each run takes
+about 4-6 s and is killed with its process group after TIMEOUT_S.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardoptim.mpi_comm import MPI_LAUNCHER_VARS, MpiCollectives
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).with_name("_mpi_comm_script.py")
+LAUNCH = REPO / "launch"
+TIMEOUT_S = 60.0
+_OK = re.compile(r"MPI_COMM_OK rank=(\d+) world_size=(\d+)")
+#: Variables that would make a child believe it was started by some launcher.
+_LAUNCH_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "MV2_", "MPI_LOCAL", "HYDRA_", "SLURM_", "TORCHELASTIC_")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCH_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    # mpirun.sh must find the mpiexec and python of the interpreter running the tests.
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    env["PYTHON"] = sys.executable
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_create_is_none_without_an_mpi_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in MPI_LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    imported_before = "mpi4py.MPI" in sys.modules
+    assert MpiCollectives.create(0, world_size=2, global_ranks=[0, 1], timeout_s=5.0) is None
+    assert MpiCollectives.create(0, world_size=1, global_ranks=[0], timeout_s=5.0, environ={}) is None
+    # Importing mpi4py.MPI would initialise MPI in this process: create() must decide before that.
+    assert ("mpi4py.MPI" in sys.modules) == imported_before
+
+
+def test_create_is_none_without_mpi4py(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # makes `from mpi4py import MPI` raise ImportError
+    environ = {"PMI_SIZE": "2", "PMI_RANK": "0"}
+    assert MpiCollectives.create(0, world_size=2, global_ranks=[0, 1], timeout_s=5.0, environ=environ) is None
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_collectives_under_mpiexec(num_ranks: int, tmp_path: Path) -> None:
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed: pip install --only-binary=:all: mpi4py mpich")
+    env = _env()
+    if shutil.which("mpirun", path=env["PATH"]) is None and shutil.which("mpiexec", path=env["PATH"]) is None:
+        pytest.skip("no mpirun/mpiexec on PATH: pip install --only-binary=:all: mpi4py mpich")
+    log = tmp_path / f"mpi_comm_{num_ranks}.log"
+    cmd = [str(LAUNCH / "mpirun.sh"), str(num_ranks), str(SCRIPT)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # mpiexec and every rank it started
+            proc.wait()
+            pytest.fail(f"{cmd} did not finish within {TIMEOUT_S:.0f} s:\n{log.read_text(errors='replace')}")
+    output = log.read_text(errors="replace")
+    assert proc.returncode == 0, f"{cmd} exited with {proc.returncode}:\n{output}"
+    found = sorted((int(r), int(w)) for r, w in _OK.findall(output))
+    assert found == [(r, num_ranks) for r in range(num_ranks)], output
