@@ -1,4 +1,4 @@
-"""shardoptim: shard the state of any torch.optim optimizer across data-parallel ranks (ZeRO-1).
+"""shardoptim: shard the state (ZeRO-1) and gradients (ZeRO-2) of any torch.optim optimizer across ranks.
 
 Public API only; see README.md.
 """
@@ -6,6 +6,7 @@ Public API only; see README.md.
 from __future__ import annotations
 
 from shardoptim import checkpoint  # a module: shardoptim.checkpoint.save/load
+from shardoptim.amp import ShardedGradScaler
 from shardoptim.hparams import all_reduce_metric
 from shardoptim.kinds import register_elementwise, register_per_tensor
 from shardoptim.launcher import DistInfo, init_distributed
@@ -14,6 +15,7 @@ from shardoptim.optimizer import DEFAULT_BUCKET_NUMEL, ShardedOptimizer
 __all__ = [
     "DEFAULT_BUCKET_NUMEL",
     "DistInfo",
+    "ShardedGradScaler",
     "ShardedOptimizer",
     "all_reduce_metric",
     "checkpoint",

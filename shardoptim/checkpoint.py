@@ -341,10 +341,12 @@ def load(
         raise ValueError(f"checkpoint {where} has no extras {absent} (it has {sorted(payload)})")
     index_to_values = _read_pieces(optimizer, where, meta, tensors, names)
     loaded = _read(where, {k: tensors[k] for k in model_keys})
-    load_pieces(optimizer, meta["param_groups"], index_to_values)
     with torch.no_grad():
         for key, target in model_keys.items():
             target.copy_(loaded[key])
+    # NOTE: the model first: loading master weights afterwards keeps them (a model write after
+    # them would re-read the rounded weights into the masters).
+    load_pieces(optimizer, meta["param_groups"], index_to_values)
     for key, obj in (extra or {}).items():
         if hasattr(obj, "load_state_dict"):
             obj.load_state_dict(payload[key])

@@ -33,8 +33,9 @@ GatherMethod = Literal["broadcast", "all_gather", "shm"]
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
 
-# NOTE: torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns).
+# NOTE: torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single (the old names warn).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class PendingGather:
@@ -52,6 +53,34 @@ class PendingGather:
         self._works.clear()
 
 
+class PendingReduce:
+    """The async reduce-scatter of one bucket; `wait()` returns the summed range this rank owns."""
+
+    def __init__(self, comm: Comm, works: Sequence[dist.Work], result: torch.Tensor, what: str) -> None:
+        self._comm = comm
+        self._works = list(works)
+        self._result = result
+        self._what = what
+
+    def wait(self) -> torch.Tensor:
+        """Wait for the reduction; return the owned range of the sum (raises naming the operation)."""
+        for work in self._works:
+            self._comm.wait_work(work, self._what)
+        self._works.clear()
+        return self._result
+
+
+class _CastOnWait(PendingReduce):
+    """A pending reduction whose result is cast to a wider dtype once it arrives."""
+
+    def __init__(self, inner: PendingReduce, dtype: torch.dtype) -> None:
+        self._inner = inner
+        self._dtype = dtype
+
+    def wait(self) -> torch.Tensor:
+        return self._inner.wait().to(self._dtype)
+
+
 class Comm:
     """The shard group: this rank, the world size, and the collectives used on it.
 
@@ -62,8 +91,15 @@ class Comm:
             the process group's own timeout (set by `init_process_group(timeout=...)`).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, *, timeout: timedelta | None = None) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        timeout: timedelta | None = None,
+        backend_choice: str = "auto",
+    ) -> None:
         self.group = group
+        self.backend_choice = backend_choice
         self.is_distributed = dist.is_available() and dist.is_initialized()
         if group is not None and not self.is_distributed:
             raise RuntimeError(
@@ -97,6 +133,7 @@ class Comm:
         if self._staging is None:
             self._staging = SharedStaging(
                 self.rank,
+                self.world_size,
                 functools.partial(self.all_gather_object, what="shared-memory setup"),
                 functools.partial(self.barrier, what="parameter gather (shared memory)"),
             )
@@ -166,6 +203,49 @@ class Comm:
                 assert work is not None
                 works.append(work)
         return PendingGather(self, works, what)
+
+    def reduce_scatter_bucket_async(
+        self, bucket: torch.Tensor, bounds: Sequence[int], *, what: str, out_dtype: torch.dtype | None = None
+    ) -> PendingReduce:
+        """Start summing `bucket` over the ranks into the range this rank owns; return the handle.
+
+        Collective: call on every rank of the group, in the same order, with the same sizes.
+        `bucket` is scratch afterwards (its contents on any rank are unspecified).
+
+        Args:
+            bucket: this rank's full flat contribution.
+            bounds: world_size + 1 offsets; rank r receives the sum of [bounds[r], bounds[r + 1]).
+            what: a name for error messages.
+            out_dtype: dtype of the result; the shared-memory path sums straight into it (e.g.
+                fp32 sums of a bf16 bucket), the others cast after summing in the bucket's dtype.
+        """
+        start, end = bounds[self.rank], bounds[self.rank + 1]
+        out_dtype = out_dtype or bucket.dtype
+        if self.world_size == 1 or bounds[-1] == 0:
+            return PendingReduce(self, [], bucket[start:end].to(out_dtype), what)
+        sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        method = self._resolve_gather_method()
+        if method == "shm" and bucket.device.type == "cpu":
+            out = torch.empty(end - start, dtype=out_dtype)
+            if self._shared_staging().reduce_scatter_(bucket, bounds, out):
+                return PendingReduce(self, [], out, what)
+            self.gather_method = method = "broadcast"  # /dev/shm too small: same on every rank
+        works: list[dist.Work | None] = []
+        if len(set(sizes)) == 1:
+            result = torch.empty(end - start, dtype=bucket.dtype, device=bucket.device)
+            works.append(_reduce_scatter_single(result, bucket, group=self.group, async_op=True))
+        else:
+            # Uneven ranges (whole-tensor layouts): one reduce per owner, into its own range.
+            for rank, numel in enumerate(sizes):
+                if numel:
+                    part = bucket.narrow(0, bounds[rank], numel)
+                    works.append(dist.reduce(part, dst=self.global_rank(rank), group=self.group, async_op=True))
+            result = bucket[start:end]
+        assert all(work is not None for work in works)
+        pending = PendingReduce(self, [w for w in works if w is not None], result, what)
+        if out_dtype == bucket.dtype:
+            return pending
+        return _CastOnWait(pending, out_dtype)
 
     def broadcast_(self, tensor: torch.Tensor, *, src: int = 0, what: str) -> None:
         """Overwrite `tensor` with rank `src`'s copy (src is a rank in the shard group).

@@ -8,8 +8,10 @@ every rank while the next one is updated.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -17,18 +19,20 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from shardoptim import gradnorm
 from shardoptim.buffers import FlatBuffers
 from shardoptim.comm import Comm, PendingGather
+from shardoptim.config import DEFAULT_BUCKET_NUMEL, CommBackend, ShardConfig, Stage
+from shardoptim.grads import GradReducer, GradSlot
 from shardoptim.hparams import STRUCTURE_KEYS, HparamSync, HparamSyncer, copy_hparams_
 from shardoptim.kinds import Kind, resolve_impl_flags, resolve_kind, tensor_cost
 from shardoptim.layout import Layout, ShardRange, assign_whole_tensors, build_flat_layout, build_tensor_layout
+from shardoptim.master import MASTER_KEY, MasterPiece, MasterShards, needs_master
+from shardoptim.params import as_param_groups, probe_complex_support, validate_params
+
+__all__ = ["DEFAULT_BUCKET_NUMEL", "ShardedOptimizer"]
 
 logger = logging.getLogger(__name__)
-
-#: Default soft cap on the elements of one bucket: 16 Mi elements (64 MiB of fp32). Large enough
-#: that a collective runs near full bandwidth, small enough that the gather of one bucket overlaps
-#: the update of the next on models of a few tens of millions of parameters and up.
-DEFAULT_BUCKET_NUMEL = 1 << 24
 
 
 @dataclass(slots=True)
@@ -41,8 +45,11 @@ class _Piece:
     """Position of its bucket in `ShardedOptimizer._buckets`."""
     in_param: ShardRange
     """Owned elements, as offsets inside the flattened parameter."""
+    start_local: int
+    """Offset of the piece inside this rank's range of the bucket."""
     local: torch.Tensor
-    """View into the bucket: 1-D for flat sharding, the parameter's shape for whole tensors."""
+    """What the local optimizer updates: a view into the bucket (or into its master copy), 1-D
+    for flat sharding, the parameter's shape for whole tensors."""
 
 
 @dataclass(slots=True)
@@ -53,87 +60,9 @@ class _Bucket:
     bounds: tuple[int, ...]
     """world_size + 1 offsets: rank r owns [bounds[r], bounds[r + 1]) of the buffer."""
     param_indices: list[int]
+    starts: list[int]
+    """Where each of `param_indices` starts in the buffer."""
     group_to_locals: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-
-
-def _as_param_groups(params: Any) -> list[dict[str, Any]]:
-    """Normalise what torch.optim accepts (tensors, (name, tensor) pairs or dicts) into group dicts."""
-    if isinstance(params, torch.Tensor):
-        raise TypeError(
-            "params must be an iterable of Tensors or of param-group dicts, got a single Tensor; "
-            "pass [tensor] or model.parameters()"
-        )
-    if isinstance(params, Mapping):
-        raise TypeError("params must be an iterable of param-group dicts, got one dict; wrap it in a list")
-    items = list(params)
-    if not items:
-        raise ValueError("ShardedOptimizer got an empty parameter list; pass model.parameters() or groups")
-    if all(isinstance(item, Mapping) for item in items):
-        groups = [dict(item) for item in items]
-    elif any(isinstance(item, Mapping) for item in items):
-        raise TypeError("params mixes tensors and param-group dicts; pass either tensors or dicts")
-    else:
-        groups = [{"params": items}]
-    for index, group in enumerate(groups):
-        if "params" not in group:
-            raise ValueError(f"param group {index} has no 'params' key (keys: {sorted(group)}); add one")
-        plist = group["params"]
-        plist = [plist] if isinstance(plist, torch.Tensor) else list(plist)
-        if plist and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in plist):
-            group["param_names"] = [name for name, _ in plist]
-            plist = [p for _, p in plist]
-        group["params"] = plist
-    return groups
-
-
-def _validate_params(groups: list[dict[str, Any]]) -> list[torch.Tensor]:
-    params: list[torch.Tensor] = []
-    seen: dict[int, tuple[int, int]] = {}
-    for g, group in enumerate(groups):
-        for i, p in enumerate(group["params"]):
-            where = f"param_groups[{g}]['params'][{i}]"
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"{where} is a {type(p).__name__}, not a Tensor; pass model.parameters()")
-            if not p.is_leaf:
-                raise ValueError(
-                    f"{where} (shape {tuple(p.shape)}) is not a leaf tensor; optimize the leaf (e.g. the "
-                    "nn.Parameter), not a result computed from it"
-                )
-            if p.is_sparse or p.layout != torch.strided:
-                raise ValueError(
-                    f"{where} has layout {p.layout}; only dense (strided) parameters are supported"
-                )
-            if id(p) in seen:
-                raise ValueError(
-                    f"{where} is the same tensor as param_groups[{seen[id(p)][0]}]['params'][{seen[id(p)][1]}]; "
-                    "list every parameter once (tied weights appear once in model.parameters())"
-                )
-            seen[id(p)] = (g, i)
-            params.append(p)
-    device_types = sorted({p.device.type for p in params})
-    if len(device_types) > 1:
-        raise ValueError(
-            f"parameters are on different device types {device_types}; move the model to one device "
-            "(e.g. model.to(device)) before building the optimizer"
-        )
-    return params
-
-
-def _probe_complex_support(
-    optimizer_class: type[Optimizer], defaults: dict[str, Any], params: list[torch.Tensor]
-) -> None:
-    """Raise torch's own error now if `optimizer_class` cannot step complex parameters.
-
-    Many optimizers only reject complex tensors inside `step`, which under sharding would fail on
-    the owning rank only, after other buckets were already updated. A 2x2 probe per complex dtype
-    surfaces the same error at construction, on every rank.
-    """
-    for dtype in sorted({p.dtype for p in params if p.is_complex()}, key=str):
-        device = next(p.device for p in params if p.dtype == dtype)
-        probe = torch.zeros(2, 2, dtype=dtype, device=device, requires_grad=True)
-        grad = torch.zeros_like(probe)
-        probe.grad = grad.to_sparse() if optimizer_class is torch.optim.SparseAdam else grad
-        optimizer_class([probe], **defaults).step()
 
 
 class ShardedOptimizer(Optimizer):
@@ -153,8 +82,16 @@ class ShardedOptimizer(Optimizer):
             shardoptim.kinds).
         hparam_sync: "broadcast" (default) makes every group's numeric options equal to rank 0's
             before each step; "check" raises if they differ; "off" trusts the user.
-        bucket_numel: soft cap on elements per bucket (one collective each).
+        bucket_numel: soft cap on elements per bucket (one collective each); None: 16 Mi at
+            stage 1, 4 Mi at stage 2.
         verify_every: run `verify_replicas()` after every this many steps (0: never).
+        stage: 1 shards the optimizer state (gradients arrive averaged, e.g. from DDP); 2 also
+            shards the gradients: no DDP, the optimizer reduce-scatters them during backward.
+        master_dtype: e.g. torch.float32: update bf16/fp16 parameters through master copies of
+            this rank's shard in this dtype (checkpoints hold the master copies).
+        skip_nonfinite: skip the step on every rank when any gradient holds an inf or nan.
+        comm_backend: "auto" moves flat CPU collectives with mpi4py under mpirun when that
+            measures faster, "torch" always uses torch.distributed, "mpi" requires mpi4py.
         **defaults: options for the base optimizer (lr, betas, ...). When neither `fused` nor
             `foreach` is given, fused=True is used where the class supports it, else foreach=True.
     """
@@ -167,42 +104,55 @@ class ShardedOptimizer(Optimizer):
         process_group: dist.ProcessGroup | None = None,
         sharding: str = "auto",
         hparam_sync: HparamSync = "broadcast",
-        bucket_numel: int = DEFAULT_BUCKET_NUMEL,
+        bucket_numel: int | None = None,
         verify_every: int = 0,
+        stage: Stage = 1,
+        master_dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = False,
+        comm_backend: CommBackend = "auto",
         **defaults: Any,
     ) -> None:
+        self.config = ShardConfig.from_options(
+            sharding=sharding,
+            hparam_sync=hparam_sync,
+            bucket_numel=bucket_numel,
+            verify_every=verify_every,
+            stage=stage,
+            master_dtype=master_dtype,
+            skip_nonfinite=skip_nonfinite,
+            comm_backend=comm_backend,
+        )
         self._kind: Kind = resolve_kind(optimizer_class, sharding)
-        if isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 1:
-            raise ValueError(f"bucket_numel must be a positive int, got {bucket_numel!r}")
-        if isinstance(verify_every, bool) or not isinstance(verify_every, int) or verify_every < 0:
-            raise ValueError(
-                f"verify_every must be an int >= 0 (0 turns the check off), got {verify_every!r}"
-            )
-        self._verify_every = verify_every
+        self._check_supported(optimizer_class)
         self._num_steps = 0
-        groups = _as_param_groups(params)
+        #: Steps skipped because a gradient held an inf or nan (skip_nonfinite=True).
+        self.num_skipped_steps = 0
+        #: Whether the last step() was skipped for an inf or nan gradient.
+        self.last_step_skipped = False
+        groups = as_param_groups(params)
         if self._kind == "lbfgs" and len(groups) != 1:
             raise ValueError(
                 f"torch.optim.LBFGS supports one param group, got {len(groups)}; pass the parameters as one "
                 "group (LBFGS does not support per-parameter options)"
             )
-        params_list = _validate_params(groups)
-        self._comm = Comm(process_group)
+        params_list = validate_params(groups)
+        self._comm = Comm(process_group, backend_choice=self.config.comm_backend)
         self._hparams = HparamSyncer(self._comm, hparam_sync)
         self._optimizer_class = optimizer_class
-        self._bucket_numel = bucket_numel
         self._params: list[torch.Tensor] = []
         self._buckets: list[_Bucket] = []
         self._pieces: list[_Piece] = []
         self._buffers: list[FlatBuffers] = []
         self._layouts: list[Layout] = []
         self._tensor_loads = [0.0] * self._comm.world_size
+        self._masters = MasterShards(self.config.master_dtype or torch.float32)
+        self._reducer = GradReducer(self._comm, self._params) if self.config.stage == 2 else None
         self._consolidated: dict[str, Any] | None = None
         self._consolidated_to: int | None = None
         self._building = True
         resolved = resolve_impl_flags(optimizer_class, defaults, groups)
         if self._kind != "lbfgs":
-            _probe_complex_support(optimizer_class, resolved, params_list)
+            probe_complex_support(optimizer_class, resolved, params_list)
         super().__init__(groups, resolved)
         self._building = False
 
@@ -219,8 +169,7 @@ class ShardedOptimizer(Optimizer):
         except Exception as err:
             failure = err
         self._raise_if_any_rank_failed(failure, what=f"{optimizer_class.__name__} rejected the parameters")
-        for buffers in self._buffers:
-            buffers.bind_params_(self._params)
+        self._bind_(first_bucket=0)
         for key, value in self.optim.defaults.items():
             self.defaults.setdefault(key, value)
         for wrapper_group, local_group in zip(self.param_groups, self.optim.param_groups):
@@ -228,6 +177,35 @@ class ShardedOptimizer(Optimizer):
                 if key not in STRUCTURE_KEYS:
                     wrapper_group.setdefault(key, value)
         self._log_layout()
+
+    def _check_supported(self, optimizer_class: type[Optimizer]) -> None:
+        config = self.config
+        if self._kind == "lbfgs" and (config.stage != 1 or config.master_dtype or config.skip_nonfinite):
+            raise ValueError(
+                f"the sharded LBFGS supports stage=1 without master_dtype or skip_nonfinite, got stage={config.stage}, "
+                f"master_dtype={config.master_dtype}, skip_nonfinite={config.skip_nonfinite}; drop those options"
+            )
+        if config.stage == 2 and optimizer_class is torch.optim.SparseAdam:
+            raise ValueError(
+                "SparseAdam needs sparse gradients, which stage=2 cannot reduce-scatter; use stage=1 with DDP"
+            )
+
+    def _bind_(self, first_bucket: int) -> None:
+        """Point the latest placed parameters at their buckets; hook them up for stage 2."""
+        self._buffers[-1].bind_params_(self._params)
+        self._masters.remember_versions(self._params)
+        if self._reducer is None:
+            return
+        for b in range(first_bucket, len(self._buckets)):
+            bucket = self._buckets[b]
+            slots = {
+                index: GradSlot(b, start, self._params[index].numel())
+                for index, start in zip(bucket.param_indices, bucket.starts)
+            }
+            shard_dtype = self._masters.dtype if self._masters.has(b) else bucket.buffer.dtype
+            self._reducer.add_bucket(
+                buffer=bucket.buffer, bounds=bucket.bounds, shard_dtype=shard_dtype, slots=slots
+            )
 
     # ----------------------------------------------------------------------------------- layout
 
@@ -250,7 +228,7 @@ class ShardedOptimizer(Optimizer):
         layout: Layout
         if self._kind != "tensor":
             layout = build_flat_layout(
-                numels, num_shards=self._comm.world_size, keys=keys, bucket_numel=self._bucket_numel
+                numels, num_shards=self._comm.world_size, keys=keys, bucket_numel=self.config.bucket_numel
             )
         else:
             cost = tensor_cost(self._optimizer_class)
@@ -265,7 +243,7 @@ class ShardedOptimizer(Optimizer):
                 num_shards=self._comm.world_size,
                 owners=owners,
                 keys=keys,
-                bucket_numel=self._bucket_numel,
+                bucket_numel=self.config.bucket_numel,
             )
         buffers = FlatBuffers(layout, new_params, offset=first_index)
         self._layout = layout
@@ -276,21 +254,32 @@ class ShardedOptimizer(Optimizer):
         for group_index in group_indices:
             for p in self.param_groups[group_index]["params"]:
                 index_to_group[id(p)] = group_index
+        rank = self._comm.rank
         for b, bucket in enumerate(layout.buckets):
+            buffer = buffers.buffers[b]
             self._buckets.append(
                 _Bucket(
-                    buffers.buffers[b], bucket.bounds, [first_index + pl.index for pl in bucket.placements]
+                    buffer,
+                    bucket.bounds,
+                    [first_index + pl.index for pl in bucket.placements],
+                    [pl.start_global for pl in bucket.placements],
                 )
             )
-        for piece in layout.local_slices(self._comm.rank):
+            if needs_master(buffer.dtype, self.config.master_dtype):
+                self._masters.add_bucket(first_bucket + b, buffer[bucket.bounds[rank] : bucket.bounds[rank + 1]])
+        for piece in layout.local_slices(rank):
             param = new_params[piece.index]
+            b = first_bucket + piece.bucket
             shape = param.shape if self._kind == "tensor" else None
-            local = buffers.local_view(piece, shape=shape)
-            owner_bucket = self._buckets[first_bucket + piece.bucket]
-            owner_bucket.group_to_locals.setdefault(index_to_group[id(param)], []).append(local)
-            self._pieces.append(
-                _Piece(first_index + piece.index, first_bucket + piece.bucket, piece.in_param, local)
-            )
+            start_local = piece.start_global - self._buckets[b].bounds[rank]
+            if self._masters.has(b):
+                local = self._masters.shard(b).narrow(0, start_local, piece.in_param.numel)
+                local = local if shape is None else local.view(shape)
+                self._masters.add_piece(MasterPiece(first_index + piece.index, b, start_local, piece.in_param.numel))
+            else:
+                local = buffers.local_view(piece, shape=shape)
+            self._buckets[b].group_to_locals.setdefault(index_to_group[id(param)], []).append(local)
+            self._pieces.append(_Piece(first_index + piece.index, b, piece.in_param, start_local, local))
         local_groups = []
         for group_index in group_indices:
             wrapper_group = self.param_groups[group_index]
@@ -374,8 +363,8 @@ class ShardedOptimizer(Optimizer):
             raise ValueError(
                 "torch.optim.LBFGS supports one param group; pass every parameter when building the optimizer"
             )
-        groups = _as_param_groups([param_group])
-        new_params = _validate_params(groups)
+        groups = as_param_groups([param_group])
+        new_params = validate_params(groups)
         types = sorted({p.device.type for p in new_params} | {self._params[0].device.type})
         if len(types) > 1:
             raise ValueError(
@@ -398,13 +387,14 @@ class ShardedOptimizer(Optimizer):
             )
         super().add_param_group(groups[0])
         group_index = len(self.param_groups) - 1
+        first_bucket = len(self._buckets)
         try:
             local_group = self._place_params_(new_params, [group_index])[0]
             self.optim.add_param_group(local_group)
         except Exception:
             self.param_groups.pop()
             raise
-        self._buffers[-1].bind_params_(self._params)
+        self._bind_(first_bucket=first_bucket)
         for key, value in self.optim.param_groups[-1].items():
             if key not in STRUCTURE_KEYS:
                 self.param_groups[-1].setdefault(key, value)
@@ -461,16 +451,128 @@ class ShardedOptimizer(Optimizer):
         verify_replicas(self)
 
     def local_state_nbytes(self) -> int:
-        """Return the bytes of optimizer-state tensors held by this rank (its shard only)."""
+        """Return the bytes of optimizer-state tensors held by this rank (its shard only).
 
-        def nbytes(value: object) -> int:
-            if isinstance(value, torch.Tensor):
-                return value.numel() * value.element_size()
-            if isinstance(value, (list, tuple)):
-                return sum(nbytes(v) for v in value)
-            return 0
+        Master weights are not counted here; see `memory_nbytes()`.
+        """
+        return sum(
+            _nbytes(value)
+            for state in self.optim.state.values()
+            for key, value in state.items()
+            if key != MASTER_KEY
+        )
 
-        return sum(nbytes(value) for state in self.optim.state.values() for value in state.values())
+    def memory_nbytes(self) -> dict[str, int]:
+        """Return this rank's bytes of "params" (full buckets), "grads", "state" and "master".
+
+        "grads" counts the gradient shards at stage 2 and the parameters' `.grad` at stage 1.
+        """
+        if self._reducer is not None:
+            grads = sum(_nbytes(g) for g in self._reducer.shards())
+            grads += sum(_nbytes(p.grad) for p in self._params)  # left by no_sync()
+        else:
+            grads = sum(_nbytes(p.grad) for p in self._params)
+        return {
+            "params": sum(_nbytes(b.buffer) for b in self._buckets),
+            "grads": grads,
+            "state": self.local_state_nbytes(),
+            "master": sum(_nbytes(self._masters.shard(b)) for b in range(len(self._buckets)) if self._masters.has(b)),
+        }
+
+    @property
+    def stage(self) -> int:
+        return self.config.stage
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        """Return a context in which backward accumulates gradients locally, without communicating.
+
+        Stage 2 only: gradients stay whole in `.grad` (memory of a full gradient) and are reduced
+        once, by the next backward outside the block or by `step()`. At stage 1 gradient
+        communication belongs to DDP: use `ddp_model.no_sync()`.
+        """
+        if self._reducer is None:
+            warnings.warn(
+                "opt.no_sync() has no effect at stage=1, where DDP reduces the gradients; use "
+                "ddp_model.no_sync() (or build the optimizer with stage=2)",
+                stacklevel=2,
+            )
+            return contextlib.nullcontext()
+        return self._reducer.no_sync()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients, as torch.optim does; at stage 2 also the gradient shards."""
+        super().zero_grad(set_to_none)
+        if self._reducer is not None:
+            self._reducer.zero_(set_to_none=set_to_none)
+
+    def _owned_grads(self) -> list[torch.Tensor]:
+        """Return this rank's gradient pieces (disjoint across ranks, all of them together)."""
+        if self._reducer is not None:
+            self._reducer.flush_()
+        out = []
+        for piece in self._pieces:
+            if self._reducer is not None:
+                shard = self._reducer.shard(piece.bucket)
+                grad = None if shard is None else shard.narrow(0, piece.start_local, piece.in_param.numel)
+            else:
+                full = self._params[piece.index].grad
+                grad = None if full is None or full.is_sparse else full.reshape(-1)
+                grad = None if grad is None else grad.narrow(0, piece.in_param.start, piece.in_param.numel)
+            if grad is not None:
+                out.append(grad)
+        return out
+
+    def _scalable_owned(self) -> list[torch.Tensor]:
+        """Return few large tensors covering this rank's gradient elements (for inf/nan checks)."""
+        return self._reducer.shards() if self._reducer is not None else self._owned_grads()
+
+    def _scalable_grads(self) -> list[torch.Tensor]:
+        """Return the gradients a global rescale must touch: the shards, or every `.grad` at stage 1."""
+        if self._reducer is not None:
+            return self._reducer.shards()
+        return [p.grad for p in self._params if p.grad is not None]
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, *, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        """Clip the gradients of all parameters by their global norm, like torch.nn.utils.clip_grad_norm_.
+
+        Collective: call on every rank of the group, in the same order (one small all-reduce).
+        The norm is over every rank's gradient shard together, so it equals the norm of the full
+        unsharded gradients; stage 2 scales the shards, stage 1 every parameter's `.grad`.
+
+        Returns:
+            The total norm before clipping (0-dim fp32 tensor, fp64 for fp64 gradients), the same
+            on every rank.
+        """
+        norm_type = gradnorm.check_norm_type(norm_type)
+        total = gradnorm.total_norm(self._comm, self._owned_grads(), norm_type, device=self._params[0].device)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise RuntimeError(
+                f"{self._comm.prefix}the total norm of order {norm_type} of the gradients is {total.item()}; "
+                "pass error_if_nonfinite=False to clip anyway, or find the inf/nan (skip_nonfinite=True skips such steps)"
+            )
+        gradnorm.scale_(self._scalable_grads(), gradnorm.clip_coef(total, max_norm))
+        return total
+
+    def unscale_grads_(
+        self, inv_scale: torch.Tensor, found_inf: torch.Tensor, *, allow_fp16: bool = False
+    ) -> dict[torch.device, torch.Tensor]:
+        """Unscale the gradients and flag inf/nan on every rank (used by shardoptim.ShardedGradScaler).
+
+        Collective: call on every rank of the group, in the same order.
+        """
+        if self._reducer is not None:
+            self._reducer.flush_()
+        grads = self._scalable_grads()
+        if not allow_fp16 and any(g.dtype == torch.float16 for g in grads):
+            raise ValueError(
+                "Attempting to unscale FP16 gradients: keep fp16 parameters with master_dtype=torch.float32 "
+                "and stage=2 (fp32 gradient shards), as torch.amp.GradScaler requires fp32 gradients"
+            )
+        with torch.no_grad():
+            gradnorm.unscale_and_check_(self._comm, grads, inv_scale, found_inf)
+        return {found_inf.device: found_inf}
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -488,7 +590,8 @@ class ShardedOptimizer(Optimizer):
                 rank (with grad enabled) before the update.
 
         Returns:
-            The closure's loss, or None without a closure.
+            The closure's loss, or None without a closure. With skip_nonfinite=True a step whose
+            gradients hold an inf or nan changes nothing on any rank; `last_step_skipped` says so.
         """
         if self._kind == "lbfgs":
             return self._step_lbfgs(closure)
@@ -498,18 +601,46 @@ class ShardedOptimizer(Optimizer):
                 loss = closure()
         self._check_storage()
         self._check_grads()
+        if self._reducer is not None:
+            self._reducer.hook_trainable_()
+            self._reducer.flush_()
         self._consolidated = None
         self._consolidated_to = None
         self._hparams.sync_(self.param_groups)
         copy_hparams_(self.param_groups, self.optim.param_groups)
+        has_grad, nonfinite = self._step_flags()
+        self.last_step_skipped = nonfinite
+        if nonfinite:
+            self.num_skipped_steps += 1
+            if self._comm.rank == 0:
+                logger.warning(
+                    "step %d skipped: a gradient holds an inf or nan (%d steps skipped so far)",
+                    self._num_steps,
+                    self.num_skipped_steps,
+                )
+            return loss
+        self._masters.refresh_(self._params)
         with torch.no_grad():
-            self._update_and_gather()
+            self._update_and_gather(has_grad)
         self._num_steps += 1
-        if self._verify_every and self._num_steps % self._verify_every == 0:
+        if self.config.verify_every and self._num_steps % self.config.verify_every == 0:
             self.verify_replicas()
         return loss
 
-    # ----------------------------------------------------------------------------------- step
+    def _step_flags(self) -> tuple[list[bool] | None, bool]:
+        """Agree on which parameters got a gradient on any rank (stage 2) and on inf/nan.
+
+        Collective: one small all-reduce when either is needed (stage 2, or skip_nonfinite).
+        """
+        check = self.config.skip_nonfinite
+        if self._reducer is None and not check:
+            return None, False
+        flags = list(self._reducer.has_grad) if self._reducer is not None else []
+        flags.append(check and gradnorm.local_nonfinite(self._scalable_owned()))
+        vector = torch.tensor(flags, dtype=torch.float32, device=self._comm.device)
+        self._comm.all_reduce_(vector, op="max", what="gradient flags (arrived, inf/nan)")
+        merged = [bool(v) for v in vector.cpu().tolist()]
+        return (merged[:-1] if self._reducer is not None else None), merged[-1]
 
     def _step_lbfgs(self, closure: Callable[[], float] | None) -> float:
         if closure is None:
@@ -555,27 +686,37 @@ class ShardedOptimizer(Optimizer):
                     "which flat sharding cannot slice; use sharding='tensor' (e.g. with torch.optim.SparseAdam)"
                 )
 
-    def _attach_grads(self, active: list[bool]) -> list[bool]:
-        """Point each local piece's .grad at its part of the full gradient; return per-bucket 'has work'."""
-        has_work = [False] * len(self._buckets)
-        for piece in self._pieces:
-            grad = self._params[piece.index].grad
-            if grad is None or not active[piece.bucket]:
-                piece.local.grad = None
-                continue
-            if self._kind == "tensor":
-                piece.local.grad = grad
-            else:
-                piece.local.grad = grad.reshape(-1).narrow(0, piece.in_param.start, piece.in_param.numel)
-            has_work[piece.bucket] = True
-        return has_work
+    def _piece_grad(self, piece: _Piece, has_grad: list[bool] | None) -> torch.Tensor | None:
+        """Return the gradient of one local piece (None: the parameter got none on any rank)."""
+        if self._reducer is not None:
+            assert has_grad is not None
+            shard = self._reducer.shard(piece.bucket)
+            if not has_grad[piece.index] or shard is None:
+                return None
+            owned = shard.narrow(0, piece.start_local, piece.in_param.numel)
+            return owned if self._kind != "tensor" else owned.view(piece.local.shape)
+        grad = self._params[piece.index].grad
+        if grad is None:
+            return None
+        if self._kind != "tensor":
+            grad = grad.reshape(-1).narrow(0, piece.in_param.start, piece.in_param.numel)
+        return grad.to(piece.local.dtype)
 
-    def _update_and_gather(self) -> None:
+    def _attach_grads(self, active: list[bool], has_grad: list[bool] | None) -> list[bool]:
+        """Point each local piece's .grad at its gradient; return per-bucket 'has work'."""
+        work = [False] * len(self._buckets)
+        for piece in self._pieces:
+            grad = self._piece_grad(piece, has_grad) if active[piece.bucket] else None
+            piece.local.grad = grad
+            work[piece.bucket] = work[piece.bucket] or grad is not None
+        return work
+
+    def _update_and_gather(self, has_grad: list[bool] | None = None) -> None:
         # NOTE: a bucket is gathered when any of its parameters requires grad now. requires_grad is
         # set by model code, the same on every rank, so every rank enters the same collectives;
         # buckets of frozen parameters cost no communication until they are unfrozen.
         active = [any(self._params[i].requires_grad for i in b.param_indices) for b in self._buckets]
-        has_work = self._attach_grads(active)
+        has_work = self._attach_grads(active, has_grad)
         groups = self.optim.param_groups
         saved = [g["params"] for g in groups]
         pending: list[PendingGather] = []
@@ -585,6 +726,9 @@ class ShardedOptimizer(Optimizer):
                     for group_index, group in enumerate(groups):
                         group["params"] = bucket.group_to_locals.get(group_index, [])
                     self.optim.step()
+                    if self._masters.has(b):
+                        self._keep_master_in_state(bucket)
+                        self._masters.write_back_([b])
                 if active[b]:
                     pending.append(
                         self._comm.gather_bucket_async(
@@ -598,6 +742,22 @@ class ShardedOptimizer(Optimizer):
                 piece.local.grad = None
         for handle in pending:
             handle.wait()
+
+    def _keep_master_in_state(self, bucket: _Bucket) -> None:
+        """Expose each stepped master piece as state[MASTER_KEY], so checkpoints carry it."""
+        for locals_ in bucket.group_to_locals.values():
+            for local in locals_:
+                state = self.optim.state.get(local)
+                if state and MASTER_KEY not in state:
+                    state[MASTER_KEY] = local
+
+
+def _nbytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 class _ShardAccess:

@@ -46,6 +46,7 @@ class SharedStaging:
 
     Args:
         rank: this rank in the group.
+        world_size: ranks in the group.
         all_gather_object: the group's object all-gather (to agree on the file name).
         barrier: the group's barrier (under the group's timeout).
     """
@@ -53,10 +54,12 @@ class SharedStaging:
     def __init__(
         self,
         rank: int,
+        world_size: int,
         all_gather_object: Callable[[object], list[object]],
         barrier: Callable[[], None],
     ) -> None:
         self._rank = rank
+        self._world_size = world_size
         self._all_gather_object = all_gather_object
         self._barrier = barrier
         self._buffer = torch.empty(0, dtype=torch.uint8)
@@ -113,5 +116,30 @@ class SharedStaging:
         self._barrier()
         bucket[:start].copy_(stage[:start])
         bucket[end:].copy_(stage[end:])
+        self._barrier()
+        return True
+
+    def reduce_scatter_(self, bucket: torch.Tensor, bounds: Sequence[int], out: torch.Tensor) -> bool:
+        """Set `out` to the sum over ranks of this rank's range of `bucket`, through the shared buffer.
+
+        Each rank copies its whole bucket into its own slot; after a barrier each rank adds up its
+        range across the slots in rank order (the same order on every rank, so the result does not
+        depend on timing), and a second barrier guards the slots before reuse. `out` may have a
+        wider dtype than `bucket` (fp32 sums of a bf16 bucket). Returns False (on every rank,
+        having done nothing) when the staging buffer cannot grow.
+
+        Collective: call on every rank of the group, in the same order, with the same sizes.
+        """
+        numel = bucket.numel()
+        if not self._ensure(self._world_size * numel * bucket.element_size()):
+            return False
+        slots = self._buffer[: self._world_size * numel * bucket.element_size()].view(bucket.dtype)
+        slots = slots.view(self._world_size, numel)
+        slots[self._rank].copy_(bucket)
+        self._barrier()
+        start, end = bounds[self._rank], bounds[self._rank + 1]
+        out.copy_(slots[0, start:end])
+        for rank in range(1, self._world_size):
+            out.add_(slots[rank, start:end])
         self._barrier()
         return True

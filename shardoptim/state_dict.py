@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from shardoptim.hparams import STRUCTURE_KEYS
+from shardoptim.master import MASTER_KEY
 
 if TYPE_CHECKING:
     from shardoptim.optimizer import ShardedOptimizer
@@ -264,8 +265,32 @@ def load_pieces(
         options = {k: copy.deepcopy(v) for k, v in saved.items() if k not in STRUCTURE_KEYS}
         local_groups.append({**options, "params": indices})
     opt.optim.load_state_dict({"state": local_state, "param_groups": local_groups})
+    _restore_masters(opt)
     for saved, group in zip(saved_groups, opt.param_groups):
         group.update({k: copy.deepcopy(v) for k, v in saved.items() if k not in STRUCTURE_KEYS})
+
+
+def _restore_masters(opt: ShardedOptimizer) -> None:
+    """Copy loaded master pieces into the master shards (or re-read them from the parameters).
+
+    A piece loaded with a master copy takes it (the checkpoint's fp32 weights win over the
+    model's rounded ones); one without takes the parameter's current value. Pieces without
+    master copies drop a saved one (the parameters belong to the model's own state_dict).
+    """
+    for piece in opt._pieces:
+        state = opt.optim.state.get(piece.local)
+        saved = state.pop(MASTER_KEY, None) if state else None
+        if not opt._masters.has(piece.bucket):
+            continue
+        with torch.no_grad():
+            if isinstance(saved, torch.Tensor):
+                piece.local.copy_(saved.reshape(piece.local.shape))
+            else:
+                param = opt._params[piece.index].detach().reshape(-1)
+                piece.local.copy_(param.narrow(0, piece.in_param.start, piece.in_param.numel).view(piece.local.shape))
+        if state:
+            state[MASTER_KEY] = piece.local
+    opt._masters.remember_versions(opt._params)
 
 
 def _fits(value: torch.Tensor, param: torch.Tensor, *, flat: bool) -> bool:

@@ -1,0 +1,255 @@
+"""ZeRO stage 2: reduce-scatter gradients bucket by bucket during backward, keep only this rank's shard.
+
+A post-accumulate-grad hook on every trainable parameter copies its fresh gradient into the flat
+gradient bucket of its parameter bucket and frees the parameter's `.grad`. When every trainable
+parameter of a bucket has arrived, the bucket's reduce-scatter (mean over ranks) starts, while
+backward goes on; buckets are launched strictly in one fixed order (last bucket first, the order
+backward usually produces them), so every rank enters the same collectives in the same order even
+when their graphs differ. At the end of each backward pass the buckets still waiting (parameters
+unused on this rank, or behind one in the order) are launched, every reduction is waited for and
+added into the gradient shard, and the full buckets are dropped: steady-state gradient memory is
+total/N plus the buckets in flight.
+
+Inside `no_sync()` the hooks only note that a gradient arrived: gradients accumulate in full in
+`.grad` as usual, and are reduced by the next backward outside `no_sync()` or by `flush_()`.
+
+Must not import shardoptim.optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from shardoptim.comm import Comm, PendingReduce
+
+
+@dataclass(frozen=True, slots=True)
+class GradSlot:
+    """Where one parameter's gradient goes in the flat gradient buckets."""
+
+    bucket: int
+    start_global: int
+    numel: int
+
+
+@dataclass(slots=True)
+class _GradBucket:
+    numel: int
+    dtype: torch.dtype
+    device: torch.device
+    bounds: tuple[int, ...]
+    shard_dtype: torch.dtype
+    param_indices: list[int]
+    full: torch.Tensor | None = None
+    """The full gradient bucket being filled in this backward pass (None when not started)."""
+    seen: set[int] = field(default_factory=set)
+    launched: bool = False
+    pending: PendingReduce | None = None
+    in_flight: torch.Tensor | None = None
+    shard: torch.Tensor | None = None
+    """The summed-and-averaged gradient of the range this rank owns (None after zero_grad)."""
+
+
+class GradReducer:
+    """Owns the gradient shards of stage 2 and the hooks that fill them.
+
+    Args:
+        comm: the shard group.
+        params: the optimizer's list of all parameters (indices below refer to it).
+    """
+
+    def __init__(self, comm: Comm, params: Sequence[torch.Tensor]) -> None:
+        self._comm = comm
+        self._params = params
+        self._buckets: list[_GradBucket] = []
+        self._slots: dict[int, GradSlot] = {}
+        self._id_to_index: dict[int, int] = {}
+        self._hooked: set[int] = set()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.has_grad: list[bool] = []
+        """Per parameter: a gradient arrived on this rank since the last zero_grad."""
+        self._no_sync = False
+        self._unreduced = False
+        self._in_pass = False
+        self._next = -1
+
+    def add_bucket(
+        self,
+        *,
+        buffer: torch.Tensor,
+        bounds: Sequence[int],
+        shard_dtype: torch.dtype,
+        slots: dict[int, GradSlot],
+    ) -> None:
+        """Register one parameter bucket (same size, dtype and bounds as `buffer`) and its params."""
+        self._buckets.append(
+            _GradBucket(
+                buffer.numel(), buffer.dtype, buffer.device, tuple(bounds), shard_dtype, sorted(slots)
+            )
+        )
+        bucket = len(self._buckets) - 1
+        for index, slot in slots.items():
+            self._slots[index] = GradSlot(bucket, slot.start_global, slot.numel)
+            self._id_to_index[id(self._params[index])] = index
+        self.has_grad.extend([False] * (len(self._params) - len(self.has_grad)))
+        self.hook_trainable_()
+
+    def hook_trainable_(self) -> None:
+        """Register the gradient hook on every trainable parameter that has none yet."""
+        for index in self._slots:
+            param = self._params[index]
+            if param.requires_grad and index not in self._hooked:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._on_grad))  # type: ignore[no-untyped-call]
+                self._hooked.add(index)
+
+    def remove_hooks(self) -> None:
+        """Remove every hook (the optimizer is being discarded)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._hooked.clear()
+
+    def shard(self, bucket: int) -> torch.Tensor | None:
+        """Return the averaged gradient of this rank's range of `bucket` (None if none arrived)."""
+        return self._buckets[bucket].shard
+
+    def shards(self) -> list[torch.Tensor]:
+        """Return every gradient shard that exists."""
+        return [b.shard for b in self._buckets if b.shard is not None]
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally in `.grad` (no communication) inside the block."""
+        previous = self._no_sync
+        self._no_sync = True
+        try:
+            yield
+        finally:
+            self._no_sync = previous
+
+    def zero_(self, *, set_to_none: bool) -> None:
+        """Drop (or zero) the gradient shards, as `Optimizer.zero_grad` does to `.grad`."""
+        for bucket in self._buckets:
+            if set_to_none:
+                bucket.shard = None
+            elif bucket.shard is not None:
+                bucket.shard.zero_()
+        if set_to_none:
+            self.has_grad = [False] * len(self.has_grad)
+
+    # ------------------------------------------------------------------------------ backward
+
+    def _active(self, bucket: _GradBucket) -> bool:
+        # NOTE: requires_grad is set by model code, the same on every rank, so every rank agrees
+        # on which buckets take part without communicating.
+        return any(self._params[i].requires_grad for i in bucket.param_indices)
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        index = self._id_to_index[id(param)]
+        self.has_grad[index] = True
+        if self._no_sync:
+            self._unreduced = True
+            return
+        if not self._in_pass:
+            self._start_pass()
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
+        slot = self._slots[index]
+        bucket = self._buckets[slot.bucket]
+        if bucket.launched:
+            # A second gradient in one pass (reentrant checkpointing): reduced by the next flush.
+            self._unreduced = True
+            return
+        self._take_grad_(bucket, index, slot)
+        bucket.seen.add(index)
+        self._launch_ready()
+
+    def _start_pass(self) -> None:
+        self._in_pass = True
+        self._unreduced = False  # this pass's launches take every gradient left in .grad
+        self._next = len(self._buckets) - 1
+        for bucket in self._buckets:
+            bucket.seen.clear()
+            bucket.launched = False
+
+    def _take_grad_(self, bucket: _GradBucket, index: int, slot: GradSlot) -> None:
+        """Move parameter `index`'s `.grad` into the bucket being filled (and free it)."""
+        param = self._params[index]
+        grad = param.grad
+        if grad is None:
+            return
+        if grad.is_sparse:
+            raise TypeError(
+                f"{self._comm.prefix}parameter {index} (shape {tuple(param.shape)}) has a sparse gradient, "
+                "which stage=2 cannot reduce-scatter; use stage=1 (e.g. with torch.optim.SparseAdam)"
+            )
+        if bucket.full is None:
+            bucket.full = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
+        bucket.full.narrow(0, slot.start_global, slot.numel).add_(grad.reshape(-1))
+        param.grad = None
+
+    def _ready(self, bucket: _GradBucket) -> bool:
+        return all(
+            i in bucket.seen for i in bucket.param_indices if self._params[i].requires_grad
+        )
+
+    def _launch_ready(self) -> None:
+        while self._next >= 0:
+            bucket = self._buckets[self._next]
+            if self._active(bucket):
+                if not self._ready(bucket):
+                    return
+                self._launch(self._next)
+            self._next -= 1
+
+    def _launch(self, b: int) -> None:
+        """Start bucket b's reduce-scatter, with every gradient of it still held in `.grad`."""
+        bucket = self._buckets[b]
+        for index in bucket.param_indices:
+            self._take_grad_(bucket, index, self._slots[index])
+        full = bucket.full
+        if full is None:
+            full = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
+        bucket.full = None
+        if self._comm.world_size > 1:
+            full.div_(self._comm.world_size)
+        bucket.in_flight = full
+        bucket.pending = self._comm.reduce_scatter_bucket_async(
+            full, bucket.bounds, what=f"gradient reduce-scatter (bucket {b})", out_dtype=bucket.shard_dtype
+        )
+        bucket.launched = True
+
+    def _end_pass(self) -> None:
+        self._launch_rest_and_wait()
+        self._in_pass = False
+
+    def _launch_rest_and_wait(self) -> None:
+        while self._next >= 0:
+            if self._active(self._buckets[self._next]):
+                self._launch(self._next)
+            self._next -= 1
+        for bucket in self._buckets:
+            if bucket.pending is None:
+                continue
+            result = bucket.pending.wait()
+            bucket.pending = None
+            bucket.in_flight = None
+            if bucket.shard is None:
+                bucket.shard = result if result._base is None else result.clone()
+            else:
+                bucket.shard.add_(result)
+
+    def flush_(self) -> None:
+        """Reduce gradients still held in `.grad` (left by `no_sync()`) into the shards.
+
+        Collective: call on every rank of the group, in the same order. Every rank agrees on
+        whether there is work because every rank ran the same no_sync() backward passes.
+        """
+        if not self._unreduced:
+            return
+        self._start_pass()
+        self._launch_rest_and_wait()
+        self._in_pass = False

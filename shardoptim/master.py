@@ -1,0 +1,99 @@
+"""Master weights: this rank's shard of low-precision parameter buckets, kept in a wider dtype.
+
+For a bf16 or fp16 bucket, the local optimizer updates an fp32 (or fp64) copy of the range this
+rank owns; after the update the copy is cast back into the bucket, which is then gathered in the
+model's dtype. Only 1/N of the parameters get a master copy on each rank.
+
+A master copy follows the model when the model's weights are written from outside after the
+optimizer was built (`model.load_state_dict`, `nn.init`, `p.copy_` under no_grad): those writes
+bump the parameter's version counter, and `refresh_` re-reads the written parameters before the
+next update. The optimizer's own writes go through the bucket and leave the counters alone.
+
+Must not import torch.distributed or shardoptim.optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class MasterPiece:
+    """One parameter's part of a master shard."""
+
+    index: int
+    """Position of the parameter in the optimizer's list of all parameters."""
+    bucket: int
+    start_local: int
+    """Offset of the piece inside this rank's range of the bucket."""
+    numel: int
+
+
+def needs_master(param_dtype: torch.dtype, master_dtype: torch.dtype | None) -> bool:
+    """Return whether parameters of `param_dtype` get master copies in `master_dtype`."""
+    if master_dtype is None or not param_dtype.is_floating_point:
+        return False
+    return torch.finfo(param_dtype).bits < torch.finfo(master_dtype).bits
+
+
+class MasterShards:
+    """The master copies of this rank's ranges, one flat tensor per low-precision bucket.
+
+    Args:
+        dtype: the master dtype (torch.float32 or torch.float64).
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._bucket_to_shard: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pieces: list[MasterPiece] = []
+        self._versions: dict[int, int] = {}
+
+    def add_bucket(self, bucket: int, owned: torch.Tensor) -> torch.Tensor:
+        """Create the master copy of `owned` (this rank's range of bucket `bucket`) and return it."""
+        shard = owned.detach().to(self.dtype, copy=True)
+        self._bucket_to_shard[bucket] = (shard, owned)
+        return shard
+
+    def has(self, bucket: int) -> bool:
+        return bucket in self._bucket_to_shard
+
+    def shard(self, bucket: int) -> torch.Tensor:
+        return self._bucket_to_shard[bucket][0]
+
+    def add_piece(self, piece: MasterPiece) -> None:
+        self._pieces.append(piece)
+
+    def remember_versions(self, params: Sequence[torch.Tensor]) -> None:
+        """Record the version counters of the parameters that have master pieces."""
+        for piece in self._pieces:
+            self._versions[piece.index] = params[piece.index]._version
+
+    def refresh_(self, params: Sequence[torch.Tensor]) -> list[int]:
+        """Re-read into the masters every parameter written from outside; return their indices."""
+        changed = sorted(
+            {p.index for p in self._pieces if params[p.index]._version != self._versions.get(p.index)}
+        )
+        if changed:
+            wanted = set(changed)
+            for piece in self._pieces:
+                if piece.index in wanted:
+                    shard, owned = self._bucket_to_shard[piece.bucket]
+                    shard.narrow(0, piece.start_local, piece.numel).copy_(
+                        owned.narrow(0, piece.start_local, piece.numel)
+                    )
+            self.remember_versions(params)
+        return changed
+
+    def write_back_(self, buckets: Iterable[int]) -> None:
+        """Cast the master copies of `buckets` into the model's buckets (before their gather)."""
+        for bucket in buckets:
+            entry = self._bucket_to_shard.get(bucket)
+            if entry is not None:
+                entry[1].copy_(entry[0])
+
+#: The state key under which a parameter's master piece is saved with the optimizer state.
+MASTER_KEY = "master_param"
