@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.distributed as dist
 
 from shardoptim.shm import SharedStaging, same_host
+
+if TYPE_CHECKING:
+    from shardoptim.mpi_comm import MpiCollectives
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +34,13 @@ logger = logging.getLogger(__name__)
 #: "all_gather": one in-place all_gather_into_tensor per bucket (the right call on NCCL);
 #: "shm": through a shared-memory staging buffer, when every rank of a CPU group is on one host
 #: (about 5x faster than gloo's broadcasts at 2 ranks; see benchmarks/step_time.py).
+#: Under an MPI launcher, CPU buckets may go through mpi4py instead (see `Comm.mpi_gather`).
 GatherMethod = Literal["broadcast", "all_gather", "shm"]
+
+#: Timing repeats per candidate when choosing between MPI and torch.distributed.
+_CALIBRATION_REPEATS = 3
+#: MPI collectives wait this long when the Comm has no timeout (torch's default group timeout).
+_DEFAULT_MPI_TIMEOUT_S = 1800.0
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
 
@@ -120,14 +131,71 @@ class Comm:
         self.timeout = timeout
         #: None until the first bucket gather picks one (that choice is a collective).
         self.gather_method: GatherMethod | None = None if self.backend == "gloo" else "all_gather"
+        #: Whether CPU bucket gathers / fp32-fp64 reduce-scatters go through mpi4py (None: not
+        #: decided yet; decided on first use by timing both ways, the same on every rank).
+        self.mpi_gather: bool | None = None if self.backend == "gloo" else False
+        self.mpi_reduce: bool | None = None if self.backend == "gloo" else False
         self._staging: SharedStaging | None = None
+        self._mpi: MpiCollectives | None = None
 
     def _resolve_gather_method(self) -> GatherMethod:
         if self.gather_method is None:
             gather_object = functools.partial(self.all_gather_object, what="host check")
             self.gather_method = "shm" if same_host(gather_object) else "broadcast"
+            self._mpi = self._open_mpi()
             logger.debug("%sbucket gather method: %s", self.prefix, self.gather_method)
         return self.gather_method
+
+    def _open_mpi(self) -> MpiCollectives | None:
+        """Return MPI collectives when the user allows them and every rank can use them.
+
+        Collective: one object all-gather, so every rank agrees.
+        """
+        if self.backend_choice == "torch":
+            return None
+        from shardoptim.mpi_comm import MpiCollectives
+
+        timeout_s = self.timeout.total_seconds() if self.timeout is not None else _DEFAULT_MPI_TIMEOUT_S
+        mpi = MpiCollectives.create(
+            self.rank,
+            world_size=self.world_size,
+            global_ranks=[self.global_rank(r) for r in range(self.world_size)],
+            timeout_s=timeout_s,
+        )
+        everyone = self.all_gather_object(mpi is not None, what="MPI availability check")
+        if all(everyone):
+            return mpi
+        if self.backend_choice == "mpi":
+            raise ValueError(
+                f"{self.prefix}comm_backend='mpi' but MPI cannot serve this group on ranks "
+                f"{[r for r, ok in enumerate(everyone) if not ok]}: launch with mpirun/mpiexec, install mpi4py "
+                "(pip install shardoptim[mpi]) and shard over the whole MPI world; or use comm_backend='auto'"
+            )
+        return None
+
+    def _faster_than_torch(self, run_mpi: Callable[[], None], run_torch: Callable[[], None], what: str) -> bool:
+        """Time both ways of one idempotent collective; return whether MPI wins on the slowest rank.
+
+        Collective: both candidates run on every rank, then one object all-gather of the timings.
+        """
+        if self.backend_choice == "mpi":
+            return True
+
+        def median_s(run: Callable[[], None]) -> float:
+            times = []
+            for _ in range(_CALIBRATION_REPEATS):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times)
+
+        mine = (median_s(run_mpi), median_s(run_torch))
+        rank_to_times = self.all_gather_object(mine, what=f"{what} calibration")
+        mpi_s = max(t[0] for t in rank_to_times)  # type: ignore[index]
+        torch_s = max(t[1] for t in rank_to_times)  # type: ignore[index]
+        if self.rank == 0:
+            logger.info("%s: MPI %.2f ms, torch.distributed %.2f ms", what, 1e3 * mpi_s, 1e3 * torch_s)
+        return bool(mpi_s < torch_s)
 
     def _shared_staging(self) -> SharedStaging:
         if self._staging is None:
@@ -185,6 +253,18 @@ class Comm:
         sizes = [end - start for start, end in zip(bounds, bounds[1:])]
         works: list[dist.Work] = []
         method = self._resolve_gather_method()
+        mpi = self._mpi
+        if mpi is not None and bucket.device.type == "cpu" and bucket.element_size() in (1, 2, 4, 8):
+            if self.mpi_gather is None:
+                self.mpi_gather = False  # the torch candidate below must not recurse into MPI
+                self.mpi_gather = self._faster_than_torch(
+                    lambda: mpi.all_gather_bucket_(bucket, bounds),
+                    lambda: self.gather_bucket_async(bucket, bounds, what=what).wait(),
+                    what="bucket gather",
+                )
+            if self.mpi_gather:
+                mpi.all_gather_bucket_(bucket, bounds)
+                return PendingGather(self, [], what)
         if method == "shm" and bucket.device.type == "cpu":
             if self._shared_staging().gather_(bucket, bounds):
                 return PendingGather(self, [], what)
@@ -225,6 +305,24 @@ class Comm:
             return PendingReduce(self, [], bucket[start:end].to(out_dtype), what)
         sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
         method = self._resolve_gather_method()
+        mpi = self._mpi
+        if mpi is not None and bucket.device.type == "cpu" and bucket.dtype in (torch.float32, torch.float64):
+            # NOTE: never bf16/fp16: MPI has no type that adds them correctly.
+            out = torch.empty(end - start, dtype=bucket.dtype)
+            if self.mpi_reduce is None:
+                self.mpi_reduce = False
+                if method == "shm":  # the one torch way that is idempotent and may be faster
+                    staging = self._shared_staging()
+                    self.mpi_reduce = self._faster_than_torch(
+                        lambda: mpi.reduce_scatter_bucket_(bucket, bounds, out),
+                        lambda: None if staging.reduce_scatter_(bucket, bounds, out.clone()) else None,
+                        what="gradient reduce-scatter",
+                    )
+                else:
+                    self.mpi_reduce = True  # gloo over TCP: measured 2-4x slower (benchmarks/comm.py)
+            if self.mpi_reduce:
+                mpi.reduce_scatter_bucket_(bucket, bounds, out)
+                return PendingReduce(self, [], out.to(out_dtype), what)
         if method == "shm" and bucket.device.type == "cpu":
             out = torch.empty(end - start, dtype=out_dtype)
             if self._shared_staging().reduce_scatter_(bucket, bounds, out):

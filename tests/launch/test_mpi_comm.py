@@ -22,6 +22,7 @@ from shardoptim.mpi_comm import MPI_LAUNCHER_VARS, MpiCollectives
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("_mpi_comm_script.py")
+OPTIM_SCRIPT = Path(__file__).with_name("_mpi_optim_script.py")
 LAUNCH = REPO / "launch"
 TIMEOUT_S = 60.0
 _OK = re.compile(r"MPI_COMM_OK rank=(\d+) world_size=(\d+)")
@@ -55,16 +56,14 @@ def test_create_is_none_without_mpi4py(monkeypatch: pytest.MonkeyPatch) -> None:
     assert MpiCollectives.create(0, world_size=2, global_ranks=[0, 1], timeout_s=5.0, environ=environ) is None
 
 
-@pytest.mark.mpi
-@pytest.mark.parametrize("num_ranks", [2, 3])
-def test_collectives_under_mpiexec(num_ranks: int, tmp_path: Path) -> None:
+def _run_under_mpiexec(script: Path, num_ranks: int, log: Path, *args: str) -> str:
+    """Run `script` on `num_ranks` MPI ranks; return its output (fails the test on error or timeout)."""
     if importlib.util.find_spec("mpi4py") is None:
-        pytest.skip("mpi4py is not installed: pip install --only-binary=:all: mpi4py mpich")
+        pytest.fail("mpi4py is not installed: pip install --only-binary=:all: mpi4py mpich")
     env = _env()
     if shutil.which("mpirun", path=env["PATH"]) is None and shutil.which("mpiexec", path=env["PATH"]) is None:
-        pytest.skip("no mpirun/mpiexec on PATH: pip install --only-binary=:all: mpi4py mpich")
-    log = tmp_path / f"mpi_comm_{num_ranks}.log"
-    cmd = [str(LAUNCH / "mpirun.sh"), str(num_ranks), str(SCRIPT)]
+        pytest.fail("no mpirun/mpiexec on PATH: pip install --only-binary=:all: mpi4py mpich")
+    cmd = [str(LAUNCH / "mpirun.sh"), str(num_ranks), str(script), *args]
     with log.open("w") as out:
         proc = subprocess.Popen(
             cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -77,5 +76,26 @@ def test_collectives_under_mpiexec(num_ranks: int, tmp_path: Path) -> None:
             pytest.fail(f"{cmd} did not finish within {TIMEOUT_S:.0f} s:\n{log.read_text(errors='replace')}")
     output = log.read_text(errors="replace")
     assert proc.returncode == 0, f"{cmd} exited with {proc.returncode}:\n{output}"
+    return output
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_collectives_under_mpiexec(num_ranks: int, tmp_path: Path) -> None:
+    output = _run_under_mpiexec(SCRIPT, num_ranks, tmp_path / f"mpi_comm_{num_ranks}.log")
     found = sorted((int(r), int(w)) for r, w in _OK.findall(output))
     assert found == [(r, num_ranks) for r in range(num_ranks)], output
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("comm_backend", ["mpi", "auto", "torch"])
+def test_optimizer_under_mpiexec(comm_backend: str, tmp_path: Path) -> None:
+    """Stage 2 fp32 and bf16+master training under mpiexec matches the reference on every rank."""
+    output = _run_under_mpiexec(OPTIM_SCRIPT, 2, tmp_path / f"optim_{comm_backend}.log", comm_backend)
+    found = re.findall(r"MPI_OPTIM_OK rank=(\d) gather=(\w+) reduce=(\w+)", output)
+    assert sorted(r for r, _, _ in found) == ["0", "1"], output
+    for _, gather, reduce in found:
+        if comm_backend == "mpi":
+            assert (gather, reduce) == ("True", "True"), output
+        if comm_backend == "torch":
+            assert (gather, reduce) == ("None", "None"), output  # never opened
