@@ -12,57 +12,27 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, overload
 
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from shardoptim import gradnorm
 from shardoptim.buffers import FlatBuffers
 from shardoptim.comm import Comm, PendingGather
 from shardoptim.config import DEFAULT_BUCKET_NUMEL, CommBackend, ShardConfig, Stage
 from shardoptim.grads import GradReducer, GradSlot
 from shardoptim.hparams import STRUCTURE_KEYS, HparamSync, HparamSyncer, copy_hparams_
 from shardoptim.kinds import Kind, resolve_impl_flags, resolve_kind, tensor_cost
-from shardoptim.layout import Layout, ShardRange, assign_whole_tensors, build_flat_layout, build_tensor_layout
-from shardoptim.master import MASTER_KEY, MasterPiece, MasterShards, needs_master
+from shardoptim.layout import Layout
+from shardoptim.master import MASTER_KEY, MasterShards
+from shardoptim.owned_grads import OwnedGrads
 from shardoptim.params import as_param_groups, probe_complex_support, validate_params
+from shardoptim.pieces import Bucket, Piece, place_params
 
 __all__ = ["DEFAULT_BUCKET_NUMEL", "ShardedOptimizer"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Piece:
-    """The part of one parameter this rank owns, and the tensor the local optimizer updates."""
-
-    index: int
-    """Position of the parameter in `ShardedOptimizer._params`."""
-    bucket: int
-    """Position of its bucket in `ShardedOptimizer._buckets`."""
-    in_param: ShardRange
-    """Owned elements, as offsets inside the flattened parameter."""
-    start_local: int
-    """Offset of the piece inside this rank's range of the bucket."""
-    local: torch.Tensor
-    """What the local optimizer updates: a view into the bucket (or into its master copy), 1-D
-    for flat sharding, the parameter's shape for whole tensors."""
-
-
-@dataclass(slots=True)
-class _Bucket:
-    """One flat buffer of full parameters and who owns what in it."""
-
-    buffer: torch.Tensor
-    bounds: tuple[int, ...]
-    """world_size + 1 offsets: rank r owns [bounds[r], bounds[r + 1]) of the buffer."""
-    param_indices: list[int]
-    starts: list[int]
-    """Where each of `param_indices` starts in the buffer."""
-    group_to_locals: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
 class ShardedOptimizer(Optimizer):
@@ -140,13 +110,16 @@ class ShardedOptimizer(Optimizer):
         self._hparams = HparamSyncer(self._comm, hparam_sync)
         self._optimizer_class = optimizer_class
         self._params: list[torch.Tensor] = []
-        self._buckets: list[_Bucket] = []
-        self._pieces: list[_Piece] = []
+        self._buckets: list[Bucket] = []
+        self._pieces: list[Piece] = []
         self._buffers: list[FlatBuffers] = []
         self._layouts: list[Layout] = []
         self._tensor_loads = [0.0] * self._comm.world_size
         self._masters = MasterShards(self.config.master_dtype or torch.float32)
         self._reducer = GradReducer(self._comm, self._params) if self.config.stage == 2 else None
+        self._grads = OwnedGrads(
+            self._comm, self._params, self._pieces, self._reducer, whole_tensors=self._kind == "tensor"
+        )
         self._consolidated: dict[str, Any] | None = None
         self._consolidated_to: int | None = None
         self._building = True
@@ -218,75 +191,37 @@ class ShardedOptimizer(Optimizer):
         optimizer accepted the groups, so a rejected option leaves the model untouched).
         """
         first_index = len(self._params)
-        first_bucket = len(self._buckets)
-        key_to_id: dict[tuple[str, torch.dtype, bool], int] = {}
-        keys = [
-            key_to_id.setdefault((str(p.device), p.dtype, p.requires_grad), len(key_to_id))
-            for p in new_params
-        ]
-        numels = [p.numel() for p in new_params]
-        layout: Layout
-        if self._kind != "tensor":
-            layout = build_flat_layout(
-                numels, num_shards=self._comm.world_size, keys=keys, bucket_numel=self.config.bucket_numel
-            )
-        else:
-            cost = tensor_cost(self._optimizer_class)
-            costs = [cost(p.shape) for p in new_params]
-            owners = assign_whole_tensors(
-                costs, num_shards=self._comm.world_size, initial_loads=self._tensor_loads
-            )
-            for owner, value in zip(owners, costs):
-                self._tensor_loads[owner] += value
-            layout = build_tensor_layout(
-                numels,
-                num_shards=self._comm.world_size,
-                owners=owners,
-                keys=keys,
-                bucket_numel=self.config.bucket_numel,
-            )
-        buffers = FlatBuffers(layout, new_params, offset=first_index)
-        self._layout = layout
-        self._layouts.append(layout)
+        id_to_group = {
+            id(p): group_index for group_index in group_indices for p in self.param_groups[group_index]["params"]
+        }
+        index_to_group = {first_index + i: id_to_group[id(p)] for i, p in enumerate(new_params)}
+        placed = place_params(
+            new_params,
+            first_index=first_index,
+            first_bucket=len(self._buckets),
+            index_to_group=index_to_group,
+            rank=self._comm.rank,
+            world_size=self._comm.world_size,
+            whole_tensors=self._kind == "tensor",
+            cost=tensor_cost(self._optimizer_class),
+            tensor_loads=self._tensor_loads,
+            bucket_numel=self.config.bucket_numel,
+            masters=self._masters,
+            master_dtype=self.config.master_dtype,
+        )
+        self._layout = placed.layout
+        self._layouts.append(placed.layout)
         self._params.extend(new_params)
-        self._buffers.append(buffers)
-        index_to_group = {}
-        for group_index in group_indices:
-            for p in self.param_groups[group_index]["params"]:
-                index_to_group[id(p)] = group_index
-        rank = self._comm.rank
-        for b, bucket in enumerate(layout.buckets):
-            buffer = buffers.buffers[b]
-            self._buckets.append(
-                _Bucket(
-                    buffer,
-                    bucket.bounds,
-                    [first_index + pl.index for pl in bucket.placements],
-                    [pl.start_global for pl in bucket.placements],
-                )
-            )
-            if needs_master(buffer.dtype, self.config.master_dtype):
-                self._masters.add_bucket(first_bucket + b, buffer[bucket.bounds[rank] : bucket.bounds[rank + 1]])
-        for piece in layout.local_slices(rank):
-            param = new_params[piece.index]
-            b = first_bucket + piece.bucket
-            shape = param.shape if self._kind == "tensor" else None
-            start_local = piece.start_global - self._buckets[b].bounds[rank]
-            if self._masters.has(b):
-                local = self._masters.shard(b).narrow(0, start_local, piece.in_param.numel)
-                local = local if shape is None else local.view(shape)
-                self._masters.add_piece(MasterPiece(first_index + piece.index, b, start_local, piece.in_param.numel))
-            else:
-                local = buffers.local_view(piece, shape=shape)
-            self._buckets[b].group_to_locals.setdefault(index_to_group[id(param)], []).append(local)
-            self._pieces.append(_Piece(first_index + piece.index, b, piece.in_param, start_local, local))
+        self._buffers.append(placed.buffers)
+        self._buckets.extend(placed.buckets)
+        self._pieces.extend(placed.pieces)
         local_groups = []
         for group_index in group_indices:
             wrapper_group = self.param_groups[group_index]
             locals_ = [
                 piece.local
                 for piece in self._pieces
-                if piece.index >= first_index and index_to_group[id(self._params[piece.index])] == group_index
+                if piece.index >= first_index and index_to_group[piece.index] == group_index
             ]
             local_group = {k: v for k, v in wrapper_group.items() if k not in STRUCTURE_KEYS}
             local_group["params"] = locals_
@@ -505,55 +440,21 @@ class ShardedOptimizer(Optimizer):
         if self._reducer is not None:
             self._reducer.zero_(set_to_none=set_to_none)
 
-    def _owned_grads(self) -> list[torch.Tensor]:
-        """Return this rank's gradient pieces (disjoint across ranks, all of them together)."""
-        if self._reducer is not None:
-            self._reducer.flush_()
-        out = []
-        for piece in self._pieces:
-            if self._reducer is not None:
-                shard = self._reducer.shard(piece.bucket)
-                grad = None if shard is None else shard.narrow(0, piece.start_local, piece.in_param.numel)
-            else:
-                full = self._params[piece.index].grad
-                grad = None if full is None or full.is_sparse else full.reshape(-1)
-                grad = None if grad is None else grad.narrow(0, piece.in_param.start, piece.in_param.numel)
-            if grad is not None:
-                out.append(grad)
-        return out
-
-    def _scalable_owned(self) -> list[torch.Tensor]:
-        """Return few large tensors covering this rank's gradient elements (for inf/nan checks)."""
-        return self._reducer.shards() if self._reducer is not None else self._owned_grads()
-
-    def _scalable_grads(self) -> list[torch.Tensor]:
-        """Return the gradients a global rescale must touch: the shards, or every `.grad` at stage 1."""
-        if self._reducer is not None:
-            return self._reducer.shards()
-        return [p.grad for p in self._params if p.grad is not None]
-
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, *, error_if_nonfinite: bool = False
     ) -> torch.Tensor:
         """Clip the gradients of all parameters by their global norm, like torch.nn.utils.clip_grad_norm_.
 
-        Collective: call on every rank of the group, in the same order (one small all-reduce).
-        The norm is over every rank's gradient shard together, so it equals the norm of the full
-        unsharded gradients; stage 2 scales the shards, stage 1 every parameter's `.grad`.
+        Collective: call on every rank of the group, in the same order (one small all-gather).
+        The norm is over every rank's gradient pieces together, so it is the norm of the full
+        unsharded gradients (bitwise torch's at world size 1); stage 2 scales the shards, stage 1
+        every parameter's `.grad`. norm_type: p > 0 or inf.
 
         Returns:
             The total norm before clipping (0-dim fp32 tensor, fp64 for fp64 gradients), the same
             on every rank.
         """
-        norm_type = gradnorm.check_norm_type(norm_type)
-        total = gradnorm.total_norm(self._comm, self._owned_grads(), norm_type, device=self._params[0].device)
-        if error_if_nonfinite and not bool(torch.isfinite(total)):
-            raise RuntimeError(
-                f"{self._comm.prefix}the total norm of order {norm_type} of the gradients is {total.item()}; "
-                "pass error_if_nonfinite=False to clip anyway, or find the inf/nan (skip_nonfinite=True skips such steps)"
-            )
-        gradnorm.scale_(self._scalable_grads(), gradnorm.clip_coef(total, max_norm))
-        return total
+        return self._grads.clip_(max_norm, norm_type, error_if_nonfinite=error_if_nonfinite)
 
     def unscale_grads_(
         self, inv_scale: torch.Tensor, found_inf: torch.Tensor, *, allow_fp16: bool = False
@@ -562,17 +463,7 @@ class ShardedOptimizer(Optimizer):
 
         Collective: call on every rank of the group, in the same order.
         """
-        if self._reducer is not None:
-            self._reducer.flush_()
-        grads = self._scalable_grads()
-        if not allow_fp16 and any(g.dtype == torch.float16 for g in grads):
-            raise ValueError(
-                "Attempting to unscale FP16 gradients: keep fp16 parameters with master_dtype=torch.float32 "
-                "and stage=2 (fp32 gradient shards), as torch.amp.GradScaler requires fp32 gradients"
-            )
-        with torch.no_grad():
-            gradnorm.unscale_and_check_(self._comm, grads, inv_scale, found_inf)
-        return {found_inf.device: found_inf}
+        return self._grads.unscale_(inv_scale, found_inf, allow_fp16=allow_fp16)
 
     @overload
     def step(self, closure: None = None) -> None: ...
@@ -608,7 +499,7 @@ class ShardedOptimizer(Optimizer):
         self._consolidated_to = None
         self._hparams.sync_(self.param_groups)
         copy_hparams_(self.param_groups, self.optim.param_groups)
-        has_grad, nonfinite = self._step_flags()
+        has_grad, nonfinite = self._grads.step_flags(check_nonfinite=self.config.skip_nonfinite)
         self.last_step_skipped = nonfinite
         if nonfinite:
             self.num_skipped_steps += 1
@@ -626,21 +517,6 @@ class ShardedOptimizer(Optimizer):
         if self.config.verify_every and self._num_steps % self.config.verify_every == 0:
             self.verify_replicas()
         return loss
-
-    def _step_flags(self) -> tuple[list[bool] | None, bool]:
-        """Agree on which parameters got a gradient on any rank (stage 2) and on inf/nan.
-
-        Collective: one small all-reduce when either is needed (stage 2, or skip_nonfinite).
-        """
-        check = self.config.skip_nonfinite
-        if self._reducer is None and not check:
-            return None, False
-        flags = list(self._reducer.has_grad) if self._reducer is not None else []
-        flags.append(check and gradnorm.local_nonfinite(self._scalable_owned()))
-        vector = torch.tensor(flags, dtype=torch.float32, device=self._comm.device)
-        self._comm.all_reduce_(vector, op="max", what="gradient flags (arrived, inf/nan)")
-        merged = [bool(v) for v in vector.cpu().tolist()]
-        return (merged[:-1] if self._reducer is not None else None), merged[-1]
 
     def _step_lbfgs(self, closure: Callable[[], float] | None) -> float:
         if closure is None:
@@ -686,27 +562,11 @@ class ShardedOptimizer(Optimizer):
                     "which flat sharding cannot slice; use sharding='tensor' (e.g. with torch.optim.SparseAdam)"
                 )
 
-    def _piece_grad(self, piece: _Piece, has_grad: list[bool] | None) -> torch.Tensor | None:
-        """Return the gradient of one local piece (None: the parameter got none on any rank)."""
-        if self._reducer is not None:
-            assert has_grad is not None
-            shard = self._reducer.shard(piece.bucket)
-            if not has_grad[piece.index] or shard is None:
-                return None
-            owned = shard.narrow(0, piece.start_local, piece.in_param.numel)
-            return owned if self._kind != "tensor" else owned.view(piece.local.shape)
-        grad = self._params[piece.index].grad
-        if grad is None:
-            return None
-        if self._kind != "tensor":
-            grad = grad.reshape(-1).narrow(0, piece.in_param.start, piece.in_param.numel)
-        return grad.to(piece.local.dtype)
-
     def _attach_grads(self, active: list[bool], has_grad: list[bool] | None) -> list[bool]:
         """Point each local piece's .grad at its gradient; return per-bucket 'has work'."""
         work = [False] * len(self._buckets)
         for piece in self._pieces:
-            grad = self._piece_grad(piece, has_grad) if active[piece.bucket] else None
+            grad = self._grads.piece_grad(piece, has_grad) if active[piece.bucket] else None
             piece.local.grad = grad
             work[piece.bucket] = work[piece.bucket] or grad is not None
         return work
@@ -743,7 +603,7 @@ class ShardedOptimizer(Optimizer):
         for handle in pending:
             handle.wait()
 
-    def _keep_master_in_state(self, bucket: _Bucket) -> None:
+    def _keep_master_in_state(self, bucket: Bucket) -> None:
         """Expose each stepped master piece as state[MASTER_KEY], so checkpoints carry it."""
         for locals_ in bucket.group_to_locals.values():
             for local in locals_:

@@ -1,0 +1,141 @@
+"""The gradients this rank owns, at stage 1 (slices of `.grad`) or stage 2 (reduced shards).
+
+Answers what the step, clipping and loss scaling need: each local piece's gradient, the owned
+elements (disjoint across ranks), the tensors a global rescale must touch, and the per-step
+agreement on which parameters got gradients and whether any is inf/nan.
+
+Must not import shardoptim.optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from shardoptim import gradnorm
+from shardoptim.comm import Comm
+from shardoptim.grads import GradReducer
+from shardoptim.pieces import Piece
+
+
+class OwnedGrads:
+    """Views of this rank's gradients over the optimizer's parameters and pieces.
+
+    Args:
+        comm: the shard group.
+        params: the optimizer's list of all parameters.
+        pieces: this rank's pieces (the list is shared: add_param_group appends to it).
+        reducer: the stage-2 gradient reducer, or None at stage 1.
+        whole_tensors: pieces are whole parameters (tensor sharding), shaped like them.
+    """
+
+    def __init__(
+        self,
+        comm: Comm,
+        params: Sequence[torch.Tensor],
+        pieces: Sequence[Piece],
+        reducer: GradReducer | None,
+        *,
+        whole_tensors: bool,
+    ) -> None:
+        self._comm = comm
+        self._params = params
+        self._pieces = pieces
+        self._reducer = reducer
+        self._whole_tensors = whole_tensors
+
+    def flush_(self) -> None:
+        """Reduce what no_sync() left in `.grad` (stage 2). Collective: call on every rank."""
+        if self._reducer is not None:
+            self._reducer.flush_()
+
+    def piece_grad(self, piece: Piece, has_grad: Sequence[bool] | None) -> torch.Tensor | None:
+        """Return the gradient of one local piece, in its dtype (None: the parameter has none)."""
+        if self._reducer is not None:
+            assert has_grad is not None
+            shard = self._reducer.shard(piece.bucket)
+            if not has_grad[piece.index] or shard is None:
+                return None
+            owned = shard.narrow(0, piece.start_local, piece.in_param.numel)
+            return owned.view(piece.local.shape) if self._whole_tensors else owned
+        grad = self._params[piece.index].grad
+        if grad is None:
+            return None
+        if not self._whole_tensors:
+            grad = grad.reshape(-1).narrow(0, piece.in_param.start, piece.in_param.numel)
+        return grad.to(piece.local.dtype)
+
+    def owned(self) -> list[torch.Tensor]:
+        """Return this rank's gradient pieces (disjoint across ranks, all of them together)."""
+        self.flush_()
+        out = []
+        for piece in self._pieces:
+            if self._reducer is not None:
+                shard = self._reducer.shard(piece.bucket)
+                grad = None if shard is None else shard.narrow(0, piece.start_local, piece.in_param.numel)
+            else:
+                full = self._params[piece.index].grad
+                grad = None if full is None or full.is_sparse else full.reshape(-1)
+                grad = None if grad is None else grad.narrow(0, piece.in_param.start, piece.in_param.numel)
+            if grad is not None:
+                out.append(grad)
+        return out
+
+    def rescalable(self) -> list[torch.Tensor]:
+        """Return what a global rescale must touch: the shards, or every `.grad` at stage 1."""
+        self.flush_()
+        if self._reducer is not None:
+            return self._reducer.shards()
+        return [p.grad for p in self._params if p.grad is not None]
+
+    def clip_(self, max_norm: float, norm_type: float, *, error_if_nonfinite: bool) -> torch.Tensor:
+        """Clip by the global norm; return the norm before clipping (see ShardedOptimizer.clip_grad_norm_).
+
+        Collective: call on every rank of the group, in the same order.
+        """
+        norm_type = gradnorm.check_norm_type(norm_type)
+        total = gradnorm.total_norm(self._comm, self.owned(), norm_type, device=self._params[0].device)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise RuntimeError(
+                f"{self._comm.prefix}the total norm of order {norm_type} of the gradients is {total.item()}; "
+                "pass error_if_nonfinite=False to clip anyway, or find the inf/nan (skip_nonfinite=True skips "
+                "such steps)"
+            )
+        gradnorm.scale_(self.rescalable(), gradnorm.clip_coef(total, max_norm))
+        return total
+
+    def unscale_(
+        self, inv_scale: torch.Tensor, found_inf: torch.Tensor, *, allow_fp16: bool
+    ) -> dict[torch.device, torch.Tensor]:
+        """Unscale and flag inf/nan on every rank, as GradScaler's `_unscale_grads_` does.
+
+        Collective: call on every rank of the group, in the same order.
+        """
+        grads = self.rescalable()
+        if not allow_fp16 and any(g.dtype == torch.float16 for g in grads):
+            raise ValueError(
+                "Attempting to unscale FP16 gradients: keep fp16 parameters with master_dtype=torch.float32 "
+                "and stage=2 (fp32 gradient shards), as torch.amp.GradScaler requires fp32 gradients"
+            )
+        with torch.no_grad():
+            gradnorm.unscale_and_check_(self._comm, grads, inv_scale, found_inf)
+        return {found_inf.device: found_inf}
+
+    def step_flags(self, *, check_nonfinite: bool) -> tuple[list[bool] | None, bool]:
+        """Agree on which parameters got a gradient on any rank (stage 2) and on inf/nan.
+
+        Collective: one small all-reduce when either is needed (stage 2, or check_nonfinite).
+        """
+        if self._reducer is None and not check_nonfinite:
+            return None, False
+        flags = list(self._reducer.has_grad) if self._reducer is not None else []
+        if check_nonfinite:
+            tensors = self._reducer.shards() if self._reducer is not None else self.owned()
+            flags.append(gradnorm.local_nonfinite(tensors))
+        else:
+            flags.append(False)
+        vector = torch.tensor(flags, dtype=torch.float32, device=self._comm.device)
+        self._comm.all_reduce_(vector, op="max", what="gradient flags (arrived, inf/nan)")
+        merged = [bool(v) for v in vector.cpu().tolist()]
+        return (merged[:-1] if self._reducer is not None else None), merged[-1]

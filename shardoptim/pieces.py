@@ -1,0 +1,134 @@
+"""What one rank holds of the layout: its pieces of parameters and the buckets they live in.
+
+Plain records shared by the optimizer and the modules that read its shards (gradients,
+state_dict, checkpoint). Must not import torch.distributed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from shardoptim.buffers import FlatBuffers
+from shardoptim.layout import Layout, ShardRange, assign_whole_tensors, build_flat_layout, build_tensor_layout
+from shardoptim.master import MasterPiece, MasterShards, needs_master
+
+
+@dataclass(slots=True)
+class Piece:
+    """The part of one parameter this rank owns, and the tensor the local optimizer updates."""
+
+    index: int
+    """Position of the parameter in `ShardedOptimizer._params`."""
+    bucket: int
+    """Position of its bucket in `ShardedOptimizer._buckets`."""
+    in_param: ShardRange
+    """Owned elements, as offsets inside the flattened parameter."""
+    start_local: int
+    """Offset of the piece inside this rank's range of the bucket."""
+    local: torch.Tensor
+    """What the local optimizer updates: a view into the bucket (or into its master copy), 1-D
+    for flat sharding, the parameter's shape for whole tensors."""
+
+
+@dataclass(slots=True)
+class Bucket:
+    """One flat buffer of full parameters and who owns what in it."""
+
+    buffer: torch.Tensor
+    bounds: tuple[int, ...]
+    """world_size + 1 offsets: rank r owns [bounds[r], bounds[r + 1]) of the buffer."""
+    param_indices: list[int]
+    starts: list[int]
+    """Where each of `param_indices` starts in the buffer."""
+    group_to_locals: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Placed:
+    """What `place_params` built for one batch of new parameters."""
+
+    layout: Layout
+    buffers: FlatBuffers
+    buckets: list[Bucket]
+    pieces: list[Piece]
+
+
+def place_params(
+    params: Sequence[torch.Tensor],
+    *,
+    first_index: int,
+    first_bucket: int,
+    index_to_group: dict[int, int],
+    rank: int,
+    world_size: int,
+    whole_tensors: bool,
+    cost: Callable[[torch.Size], float],
+    tensor_loads: list[float],
+    bucket_numel: int,
+    masters: MasterShards,
+    master_dtype: torch.dtype | None,
+) -> Placed:
+    """Lay out `params`, copy them into new buckets, and cut this rank's pieces (and master copies).
+
+    Parameters are split into buckets by (device, dtype, requires_grad). The parameters are not
+    bound to the buckets here. `tensor_loads` (per-rank cost already owned, whole-tensor sharding)
+    and `masters` are updated in place.
+
+    Args:
+        params: the new parameters; index i is parameter `first_index + i` of the optimizer.
+        first_index: optimizer index of params[0].
+        first_bucket: optimizer index of the first new bucket.
+        index_to_group: optimizer parameter index -> its param group.
+        rank: this rank; world_size: ranks to shard over.
+        whole_tensors: give each parameter whole to one rank (else flat element ranges).
+        cost: per-tensor cost for whole-tensor balancing.
+        tensor_loads: cost each rank already owns (whole-tensor sharding), updated.
+        bucket_numel: soft cap on elements per bucket.
+        masters: where master copies go; master_dtype: their dtype (None: no master copies).
+    """
+    key_to_id: dict[tuple[str, torch.dtype, bool], int] = {}
+    keys = [key_to_id.setdefault((str(p.device), p.dtype, p.requires_grad), len(key_to_id)) for p in params]
+    numels = [p.numel() for p in params]
+    layout: Layout
+    if not whole_tensors:
+        layout = build_flat_layout(numels, num_shards=world_size, keys=keys, bucket_numel=bucket_numel)
+    else:
+        costs = [cost(p.shape) for p in params]
+        owners = assign_whole_tensors(costs, num_shards=world_size, initial_loads=tensor_loads)
+        for owner, value in zip(owners, costs):
+            tensor_loads[owner] += value
+        layout = build_tensor_layout(
+            numels, num_shards=world_size, owners=owners, keys=keys, bucket_numel=bucket_numel
+        )
+    buffers = FlatBuffers(layout, params, offset=first_index)
+    buckets = []
+    for b, bucket in enumerate(layout.buckets):
+        buffer = buffers.buffers[b]
+        buckets.append(
+            Bucket(
+                buffer,
+                bucket.bounds,
+                [first_index + pl.index for pl in bucket.placements],
+                [pl.start_global for pl in bucket.placements],
+            )
+        )
+        if needs_master(buffer.dtype, master_dtype):
+            masters.add_bucket(first_bucket + b, buffer[bucket.bounds[rank] : bucket.bounds[rank + 1]])
+    pieces = []
+    for piece in layout.local_slices(rank):
+        index = first_index + piece.index
+        b = first_bucket + piece.bucket
+        shape = params[piece.index].shape if whole_tensors else None
+        start_local = piece.start_global - buckets[piece.bucket].bounds[rank]
+        if masters.has(b):
+            local = masters.shard(b).narrow(0, start_local, piece.in_param.numel)
+            local = local if shape is None else local.view(shape)
+            masters.add_piece(MasterPiece(index, b, start_local, piece.in_param.numel))
+        else:
+            local = buffers.local_view(piece, shape=shape)
+        buckets[piece.bucket].group_to_locals.setdefault(index_to_group[index], []).append(local)
+        pieces.append(Piece(index, b, piece.in_param, start_local, local))
+    return Placed(layout, buffers, buckets, pieces)
