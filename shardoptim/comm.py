@@ -173,7 +173,9 @@ class Comm:
             )
         return None
 
-    def _faster_than_torch(self, run_mpi: Callable[[], None], run_torch: Callable[[], None], what: str) -> bool:
+    def _faster_than_torch(
+        self, run_mpi: Callable[[], None], run_torch: Callable[[], None], what: str
+    ) -> bool:
         """Time both ways of one idempotent collective; return whether MPI wins on the slowest rank.
 
         Collective: both candidates run on every rank, then one object all-gather of the timings.
@@ -337,7 +339,9 @@ class Comm:
             for rank, numel in enumerate(sizes):
                 if numel:
                     part = bucket.narrow(0, bounds[rank], numel)
-                    works.append(dist.reduce(part, dst=self.global_rank(rank), group=self.group, async_op=True))
+                    works.append(
+                        dist.reduce(part, dst=self.global_rank(rank), group=self.group, async_op=True)
+                    )
             result = bucket[start:end]
         assert all(work is not None for work in works)
         pending = PendingReduce(self, [w for w in works if w is not None], result, what)

@@ -35,7 +35,9 @@ def check_norm_type(norm_type: float) -> float:
     return value
 
 
-def total_norm(comm: Comm, owned: Sequence[torch.Tensor], norm_type: float, *, device: torch.device) -> torch.Tensor:
+def total_norm(
+    comm: Comm, owned: Sequence[torch.Tensor], norm_type: float, *, device: torch.device
+) -> torch.Tensor:
     """Return the `norm_type`-norm of every rank's `owned` gradients together (0-dim tensor).
 
     Computed as torch.nn.utils.clip_grad_norm_ does (the norm of the per-tensor norms), with one
@@ -58,10 +60,14 @@ def total_norm(comm: Comm, owned: Sequence[torch.Tensor], norm_type: float, *, d
     partial = torch.zeros((), dtype=dtype, device=device)
     if grads:
         low = [g for g in grads if g.dtype not in (torch.float32, torch.float64)]
-        norms = list(torch._foreach_norm([g for g in grads if g.dtype in (torch.float32, torch.float64)], norm_type))
+        norms = list(
+            torch._foreach_norm([g for g in grads if g.dtype in (torch.float32, torch.float64)], norm_type)
+        )
         if low:
             norms += list(torch._foreach_norm(low, norm_type, dtype=torch.float32))
-        partial = torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=dtype) for n in norms]), norm_type)
+        partial = torch.linalg.vector_norm(
+            torch.stack([n.to(device=device, dtype=dtype) for n in norms]), norm_type
+        )
     partials = comm.all_gather(partial.to(comm.device), what="gradient norm").to(device)
     total: torch.Tensor = torch.linalg.vector_norm(partials.reshape(-1), norm_type)
     return total

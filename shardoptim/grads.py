@@ -155,6 +155,7 @@ class GradReducer:
             self._unreduced = True
             return
         if not self._in_pass:
+            self.hook_trainable_()
             self._start_pass()
             torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
         slot = self._slots[index]
@@ -190,11 +191,10 @@ class GradReducer:
             bucket.full = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
         bucket.full.narrow(0, slot.start_global, slot.numel).add_(grad.reshape(-1))
         param.grad = None
+        self.has_grad[index] = True  # also for a parameter unfrozen since its hook was due
 
     def _ready(self, bucket: _GradBucket) -> bool:
-        return all(
-            i in bucket.seen for i in bucket.param_indices if self._params[i].requires_grad
-        )
+        return all(i in bucket.seen for i in bucket.param_indices if self._params[i].requires_grad)
 
     def _launch_ready(self) -> None:
         while self._next >= 0:

@@ -95,5 +95,6 @@ class MasterShards:
             if entry is not None:
                 entry[1].copy_(entry[0])
 
+
 #: The state key under which a parameter's master piece is saved with the optimizer state.
 MASTER_KEY = "master_param"

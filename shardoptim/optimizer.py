@@ -192,7 +192,9 @@ class ShardedOptimizer(Optimizer):
         """
         first_index = len(self._params)
         id_to_group = {
-            id(p): group_index for group_index in group_indices for p in self.param_groups[group_index]["params"]
+            id(p): group_index
+            for group_index in group_indices
+            for p in self.param_groups[group_index]["params"]
         }
         index_to_group = {first_index + i: id_to_group[id(p)] for i, p in enumerate(new_params)}
         placed = place_params(
@@ -411,7 +413,9 @@ class ShardedOptimizer(Optimizer):
             "params": sum(_nbytes(b.buffer) for b in self._buckets),
             "grads": grads,
             "state": self.local_state_nbytes(),
-            "master": sum(_nbytes(self._masters.shard(b)) for b in range(len(self._buckets)) if self._masters.has(b)),
+            "master": sum(
+                _nbytes(self._masters.shard(b)) for b in range(len(self._buckets)) if self._masters.has(b)
+            ),
         }
 
     @property
@@ -604,12 +608,15 @@ class ShardedOptimizer(Optimizer):
             handle.wait()
 
     def _keep_master_in_state(self, bucket: Bucket) -> None:
-        """Expose each stepped master piece as state[MASTER_KEY], so checkpoints carry it."""
+        """Expose each just-stepped master piece as state[MASTER_KEY], so checkpoints carry it.
+
+        Only pieces that had a gradient: their state is initialised by now, so the extra key
+        cannot make a lazily initialising optimizer skip its own initialisation.
+        """
         for locals_ in bucket.group_to_locals.values():
             for local in locals_:
-                state = self.optim.state.get(local)
-                if state and MASTER_KEY not in state:
-                    state[MASTER_KEY] = local
+                if local.grad is not None:
+                    self.optim.state[local].setdefault(MASTER_KEY, local)
 
 
 def _nbytes(value: object) -> int:

@@ -287,7 +287,9 @@ def _restore_masters(opt: ShardedOptimizer) -> None:
                 piece.local.copy_(saved.reshape(piece.local.shape))
             else:
                 param = opt._params[piece.index].detach().reshape(-1)
-                piece.local.copy_(param.narrow(0, piece.in_param.start, piece.in_param.numel).view(piece.local.shape))
+                piece.local.copy_(
+                    param.narrow(0, piece.in_param.start, piece.in_param.numel).view(piece.local.shape)
+                )
         if state:
             state[MASTER_KEY] = piece.local
     opt._masters.remember_versions(opt._params)

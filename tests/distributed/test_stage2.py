@@ -51,7 +51,14 @@ def _loss(model: torch.nn.Module, step: int, micro: int, rank: int) -> torch.Ten
 
 
 def _check_parity_with_ddp(
-    rank: int, world_size: int, *, cls_name: str, opts: dict[str, Any], micro: int, no_sync: bool, clip: float | None
+    rank: int,
+    world_size: int,
+    *,
+    cls_name: str,
+    opts: dict[str, Any],
+    micro: int,
+    no_sync: bool,
+    clip: float | None,
 ) -> None:
     torch.manual_seed(0)
     model = _Net(rank)
@@ -80,7 +87,9 @@ def _check_parity_with_ddp(
         opt.zero_grad()
         ref_opt.zero_grad()
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL, msg=lambda m, n=name, s=step: f"{n} step {s}: {m}")
+            torch.testing.assert_close(
+                p, q, rtol=RTOL, atol=ATOL, msg=lambda m, n=name, s=step: f"{n} step {s}: {m}"
+            )
             assert all_equal_across_ranks(p.detach())
     assert torch.equal(model.unused, ref.unused)  # no gradient anywhere: never stepped
 
@@ -96,7 +105,13 @@ def _check_parity_with_ddp(
     ],
 )
 def test_stage2_matches_ddp(
-    pool_for: Any, world_size: int, cls_name: str, opts: dict[str, Any], micro: int, no_sync: bool, clip: float | None
+    pool_for: Any,
+    world_size: int,
+    cls_name: str,
+    opts: dict[str, Any],
+    micro: int,
+    no_sync: bool,
+    clip: float | None,
 ) -> None:
     pool_for(world_size).run(
         _check_parity_with_ddp, cls_name=cls_name, opts=opts, micro=micro, no_sync=no_sync, clip=clip
@@ -153,7 +168,9 @@ def _check_master_weights(rank: int, world_size: int, *, stage: int) -> None:
     ref = copy.deepcopy(model)
     low = copy.deepcopy(model).to(torch.bfloat16)
     net = DDP(low) if stage == 1 else low
-    opt = ShardedOptimizer(low.parameters(), torch.optim.AdamW, stage=stage, master_dtype=torch.float32, lr=1e-3)
+    opt = ShardedOptimizer(
+        low.parameters(), torch.optim.AdamW, stage=stage, master_dtype=torch.float32, lr=1e-3
+    )
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
     assert opt.memory_nbytes()["master"] > 0
     for step in range(5):
@@ -189,7 +206,11 @@ def _regression_loss(rank: int, world_size: int, *, master: bool, steps: int) ->
     with torch.no_grad():
         model.weight.copy_((w_true.T + 0.5).bfloat16())
     opt = ShardedOptimizer(
-        model.parameters(), torch.optim.AdamW, stage=2, master_dtype=torch.float32 if master else None, lr=1e-3
+        model.parameters(),
+        torch.optim.AdamW,
+        stage=2,
+        master_dtype=torch.float32 if master else None,
+        lr=1e-3,
     )
     shard = slice(rank * 128 // world_size, (rank + 1) * 128 // world_size)
     for _ in range(steps):
@@ -245,7 +266,9 @@ def _check_clip_norm_types(rank: int, world_size: int, *, norm_type: float, stag
     opt = ShardedOptimizer(model.parameters(), torch.optim.SGD, stage=stage, lr=0.1)
     x = torch.randn(5, 30, generator=torch.Generator().manual_seed(rank))
     net(x).pow(2).sum().backward()
-    xs = torch.cat([torch.randn(5, 30, generator=torch.Generator().manual_seed(r)) for r in range(world_size)])
+    xs = torch.cat(
+        [torch.randn(5, 30, generator=torch.Generator().manual_seed(r)) for r in range(world_size)]
+    )
     (ref(xs).pow(2).sum() / world_size).backward()
     theirs = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.3, norm_type=norm_type)
     ours = opt.clip_grad_norm_(0.3, norm_type=norm_type)
@@ -264,7 +287,9 @@ def test_clip_grad_norm_matches_torch(ranks3: Any, norm_type: float, stage: int)
 def _check_grad_scaler(rank: int, world_size: int) -> tuple[list[bool], float]:
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4).to(torch.float16)
-    opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, stage=2, master_dtype=torch.float32, lr=1e-2)
+    opt = ShardedOptimizer(
+        model.parameters(), torch.optim.AdamW, stage=2, master_dtype=torch.float32, lr=1e-2
+    )
     scaler = ShardedGradScaler("cpu", init_scale=2.0**15, growth_interval=1000)
     skipped = []
     for step in range(4):
