@@ -77,6 +77,15 @@ def parse_args() -> argparse.Namespace:
     add("--out", type=Path, default=Path("out/gpt_ckpt.pt"), help="checkpoint file (default out/gpt_ckpt.pt)")
     add("--plot", type=Path, default=Path("out/loss.png"), help="loss curve PNG (default out/loss.png)")
     add("--resume", action="store_true", help="load --out on every rank and continue from its step")
+    add(
+        "--stage",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="ZeRO stage: 1 shards optimizer state, gradients averaged by DDP (default); 2 also shards the "
+        "gradients, reduce-scattered by the optimizer during backward (no DDP)",
+    )
+    add("--bf16", action="store_true", help="bf16 model, updated through fp32 master weights of each rank's shard")
     return p.parse_args()
 
 
@@ -240,16 +249,20 @@ def print_memory_table(opt: ShardedOptimizer, model: nn.Module, device: torch.de
 
     Collective: call on every rank, in the same order.
     """
+    sizes = opt.memory_nbytes()
     rank_to_nbytes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(opt.world_size)]
-    dist.all_gather(rank_to_nbytes, torch.tensor([opt.local_state_nbytes()], device=device))
+    dist.all_gather(rank_to_nbytes, torch.tensor([sizes["state"] + sizes["master"]], device=device))
     if opt.rank != 0:
         return
     # torch.optim.AdamW on every rank: exp_avg and exp_avg_sq shaped like each parameter (8 bytes per
-    # fp32 element) plus one 4-byte float32 `step` tensor per parameter.
+    # fp32 element) plus one 4-byte float32 `step` tensor per parameter; with bf16 weights, an fp32
+    # master copy and fp32 moments (12 bytes per element).
     params = [p for p in model.parameters() if p.requires_grad]
-    unsharded = sum(2 * p.numel() * p.element_size() + 4 for p in params)
+    per_element = 12 if sizes["master"] else None
+    unsharded = sum((per_element or 2 * p.element_size()) * p.numel() + 4 for p in params)
     numel = sum(p.numel() for p in params)
-    print(f"optimizer state per rank: AdamW (exp_avg, exp_avg_sq, step) for {numel:,} parameters")
+    what = "exp_avg, exp_avg_sq, step, fp32 master" if sizes["master"] else "exp_avg, exp_avg_sq, step"
+    print(f"optimizer state per rank: AdamW ({what}) for {numel:,} parameters")
     print(f"{'rank':>6}  {'sharded':>12}  {'unsharded':>12}  {'ratio':>6}")
     for r, nbytes in enumerate(int(t.item()) for t in rank_to_nbytes):
         print(f"{r:>6}  {mib(nbytes):>12}  {mib(unsharded):>12}  {nbytes / unsharded:>6.3f}")
@@ -279,9 +292,17 @@ def main() -> None:
     total_steps = config["steps"]
 
     torch.manual_seed(config["seed"])  # the same initial weights on every rank
-    model = GPT(**{k: config[k] for k in ("vocab", "seq", "d_model", "layers", "heads")}).to(device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = GPT(**{k: config[k] for k in ("vocab", "seq", "d_model", "layers", "heads")}).to(device, dtype)
     # The one line that differs from plain torch: torch.optim.AdamW(model.parameters(), lr=..., ...)
-    opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=args.lr, weight_decay=0.1)
+    opt = ShardedOptimizer(
+        model.parameters(),
+        torch.optim.AdamW,
+        stage=args.stage,
+        master_dtype=torch.float32 if args.bf16 else None,
+        lr=args.lr,
+        weight_decay=0.1,
+    )
     # NOTE: OneCycleLR divides by zero unless its warm-up spans at least 2 steps.
     warmup = max(0.1, 2 / total_steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -295,7 +316,7 @@ def main() -> None:
         start_step, losses = checkpoint["step"], list(checkpoint["losses"])
         del checkpoint
     net: nn.Module = model
-    if world_size > 1:
+    if world_size > 1 and args.stage == 1:  # at stage 2 the optimizer's backward hooks reduce the gradients
         net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     end_step = total_steps if args.stop_after is None else min(total_steps, start_step + args.stop_after)
 
@@ -304,7 +325,8 @@ def main() -> None:
     if rank == 0:
         resumed = f" (resumed from {args.out})" if args.resume else ""
         print(
-            f"train_gpt: {world_size} rank(s) ({info.launcher}, {info.backend}) on {device}, "
+            f"train_gpt: {world_size} rank(s) ({info.launcher}, {info.backend}) on {device}, ZeRO stage "
+            f"{args.stage}{', bf16 + fp32 master weights' if args.bf16 else ''}, "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
             f"global batch {args.batch} x {config['seq']} tokens, steps {start_step} -> {end_step} of "
             f"{total_steps}{resumed}\n"
@@ -326,10 +348,10 @@ def main() -> None:
         seqs = sample_batch(probs, args.batch, config["seq"] + 1, seed=config["seed"], step=step)
         seqs = seqs[rows].to(device)
         logits = net(seqs[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1))
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients, so every rank clips the same way
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss.backward()  # averaged across ranks by DDP (stage 1) or by the optimizer's hooks (stage 2)
+        opt.clip_grad_norm_(1.0)  # the global norm over every rank's gradients (one small collective)
         opt.step()
         sched.step()
         window.append(loss.detach())

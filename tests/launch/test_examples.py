@@ -126,6 +126,25 @@ def test_train_gpt_two_ranks_then_resume_on_one(tmp_path: Path) -> None:
     assert saved["step"] == 30 and len(saved["losses"]) == 30
 
 
+def test_train_gpt_stage2_bf16_then_resume_on_one(tmp_path: Path) -> None:
+    ckpt, png = tmp_path / "gpt.pt", tmp_path / "loss.png"
+    paths = ["--out", str(ckpt), "--plot", str(png), "--log-every", "5", "--stage", "2", "--bf16"]
+    output = _run(
+        [*TORCHRUN, str(EXAMPLES / "train_gpt.py"), "--steps", "30", "--stop-after", "20", *paths], tmp_path
+    )
+    assert "ZeRO stage 2, bf16 + fp32 master weights" in output, output
+    for _, sharded, unsharded, ratio in _memory_rows(output):  # half of fp32 moments + fp32 masters
+        assert 0.45 < ratio < 0.55 and sharded < unsharded, output
+    first, final = _losses(output)
+    assert final < first - 0.5, output
+    saved = torch.load(ckpt, weights_only=True)
+    assert next(iter(saved["model"].values())).dtype == torch.bfloat16
+    assert all(entry["master_param"].dtype == torch.float32 for entry in saved["optimizer"]["state"].values())
+    output = _run([sys.executable, str(EXAMPLES / "train_gpt.py"), "--resume", *paths], tmp_path)
+    assert "steps 20 -> 30 of 30 (resumed" in output, output
+    assert _losses(output)[1] < first - 0.5, output
+
+
 def test_finetune_param_groups_two_ranks(tmp_path: Path) -> None:
     args = ["--steps", "60", "--freeze-steps", "20", "--warmup", "10", "--log-every", "20"]
     output = _run([*TORCHRUN, str(EXAMPLES / "finetune_param_groups.py"), *args], tmp_path)
