@@ -47,6 +47,10 @@ class _GradBucket:
     full: torch.Tensor | None = None
     """The full gradient bucket being filled in this backward pass (None when not started)."""
     seen: set[int] = field(default_factory=set)
+    waiting: int = 0
+    """Trainable parameters of the bucket whose gradient has not arrived in this pass."""
+    active: bool = False
+    """Whether any parameter of the bucket requires grad (fixed for the pass)."""
     launched: bool = False
     pending: PendingReduce | None = None
     in_flight: torch.Tensor | None = None
@@ -143,11 +147,6 @@ class GradReducer:
 
     # ------------------------------------------------------------------------------ backward
 
-    def _active(self, bucket: _GradBucket) -> bool:
-        # NOTE: requires_grad is set by model code, the same on every rank, so every rank agrees
-        # on which buckets take part without communicating.
-        return any(self._params[i].requires_grad for i in bucket.param_indices)
-
     def _on_grad(self, param: torch.Tensor) -> None:
         index = self._id_to_index[id(param)]
         self.has_grad[index] = True
@@ -165,16 +164,23 @@ class GradReducer:
             self._unreduced = True
             return
         self._take_grad_(bucket, index, slot)
-        bucket.seen.add(index)
+        if index not in bucket.seen:
+            bucket.seen.add(index)
+            bucket.waiting -= 1
         self._launch_ready()
 
     def _start_pass(self) -> None:
+        # NOTE: requires_grad is set by model code, the same on every rank, so every rank agrees
+        # on which buckets take part (and when one is complete) without communicating.
         self._in_pass = True
         self._unreduced = False  # this pass's launches take every gradient left in .grad
         self._next = len(self._buckets) - 1
         for bucket in self._buckets:
             bucket.seen.clear()
             bucket.launched = False
+            trainable = sum(1 for i in bucket.param_indices if self._params[i].requires_grad)
+            bucket.waiting = trainable
+            bucket.active = trainable > 0
 
     def _take_grad_(self, bucket: _GradBucket, index: int, slot: GradSlot) -> None:
         """Move parameter `index`'s `.grad` into the bucket being filled (and free it)."""
@@ -193,14 +199,11 @@ class GradReducer:
         param.grad = None
         self.has_grad[index] = True  # also for a parameter unfrozen since its hook was due
 
-    def _ready(self, bucket: _GradBucket) -> bool:
-        return all(i in bucket.seen for i in bucket.param_indices if self._params[i].requires_grad)
-
     def _launch_ready(self) -> None:
         while self._next >= 0:
             bucket = self._buckets[self._next]
-            if self._active(bucket):
-                if not self._ready(bucket):
+            if bucket.active:
+                if bucket.waiting > 0:
                     return
                 self._launch(self._next)
             self._next -= 1
@@ -228,7 +231,7 @@ class GradReducer:
 
     def _launch_rest_and_wait(self) -> None:
         while self._next >= 0:
-            if self._active(self._buckets[self._next]):
+            if self._buckets[self._next].active:
                 self._launch(self._next)
             self._next -= 1
         for bucket in self._buckets:
