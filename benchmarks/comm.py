@@ -17,6 +17,8 @@ the call, max over ranks (MPI Allreduce MAX); the table reports the median over 
     gloo all_gather_single        one in-place dist.all_gather_single (before torch 2.13:
                                   all_gather_into_tensor)
     gloo broadcasts               one async dist.broadcast per rank from the owner into its range
+    shardoptim shared memory      Comm's /dev/shm staging path (what comm_backend="auto" times MPI
+                                  against on one host), as gather and as reduce-scatter
     MPI all_gather_bucket_        MpiCollectives.all_gather_bucket_ (Iallgatherv IN_PLACE, polled)
     mpi4py Allgatherv (blocking)  the raw blocking mpi4py call, to show the cost of polling for a timeout
     gloo reduce_scatter           dist.reduce_scatter_single (reduce_scatter_tensor before torch 2.13),
@@ -52,6 +54,7 @@ import torch.distributed as dist  # noqa: E402
 from _bench import markdown_table  # noqa: E402
 
 from shardoptim import init_distributed  # noqa: E402
+from shardoptim.comm import Comm  # noqa: E402
 from shardoptim.mpi_comm import MpiCollectives  # noqa: E402
 
 MiB = 1 << 20
@@ -139,16 +142,29 @@ def main() -> None:
             assert work is not None
             work.wait()
 
+    # shardoptim's own torch-side path on one host: the /dev/shm staging buffer (what comm_backend="auto"
+    # times MPI against); comm_backend="torch" keeps MPI out of it.
+    comm = Comm(backend_choice="torch")
+    comm.gather_method = "shm"
+
+    def shm_gather() -> None:
+        comm.gather_bucket_async(bucket, bounds, what="benchmark gather").wait()
+
+    def shm_reduce_scatter() -> None:
+        comm.reduce_scatter_bucket_async(bucket, bounds, what="benchmark reduce-scatter").wait()
+
     recv_spec = [bucket.numpy(), [shard] * world_size, bounds[:-1], MPI.FLOAT]
     reduce_name, gloo_reduce = _gloo_reduce_scatter(bucket, bounds, out)
     gathers: list[tuple[str, Callable[[], None]]] = [
         (f"gloo {_all_gather_single.__name__}", lambda: _all_gather_single(bucket, mine)),
         ("gloo broadcasts", gloo_broadcasts),
+        ("shardoptim shared memory (gloo group)", shm_gather),
         ("MPI all_gather_bucket_", lambda: mpi.all_gather_bucket_(bucket, bounds)),
         ("mpi4py Allgatherv (blocking)", lambda: mpi_world.Allgatherv(MPI.IN_PLACE, recv_spec)),
     ]
     reductions: list[tuple[str, Callable[[], None]]] = [
         (reduce_name, gloo_reduce),
+        ("shardoptim shared memory (gloo group)", shm_reduce_scatter),
         ("MPI reduce_scatter_bucket_", lambda: mpi.reduce_scatter_bucket_(bucket, bounds, out)),
         (
             "mpi4py Reduce_scatter (blocking)",
