@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 #: Under an MPI launcher, CPU buckets may go through mpi4py instead (see `Comm.mpi_gather`).
 GatherMethod = Literal["broadcast", "all_gather", "shm"]
 
+#: At most this many bytes of buckets share one shared-memory gather round (two barriers).
+_SHM_ROUND_NBYTES = 256 << 20
 #: Timing repeats per candidate when choosing between MPI and torch.distributed.
 _CALIBRATION_REPEATS = 3
 #: MPI collectives wait this long when the Comm has no timeout (torch's default group timeout).
@@ -73,6 +75,11 @@ class PendingReduce:
         self._result = result
         self._what = what
 
+    @property
+    def done(self) -> bool:
+        """Whether the reduction has finished (waiting would not block)."""
+        return all(work.is_completed() for work in self._works)
+
     def wait(self) -> torch.Tensor:
         """Wait for the reduction; return the owned range of the sum (raises naming the operation)."""
         for work in self._works:
@@ -87,6 +94,10 @@ class _CastOnWait(PendingReduce):
     def __init__(self, inner: PendingReduce, dtype: torch.dtype) -> None:
         self._inner = inner
         self._dtype = dtype
+
+    @property
+    def done(self) -> bool:
+        return self._inner.done
 
     def wait(self) -> torch.Tensor:
         return self._inner.wait().to(self._dtype)
@@ -285,6 +296,44 @@ class Comm:
                 assert work is not None
                 works.append(work)
         return PendingGather(self, works, what)
+
+    def gathers_synchronously(self, device: torch.device) -> bool:
+        """Whether bucket gathers on `device` complete inside the call (shared memory or MPI).
+
+        Such gathers cannot overlap the next bucket's update, so the optimizer batches them with
+        `gather_buckets_`. Collective on first use (it settles the gather method).
+        """
+        if self.world_size == 1 or device.type != "cpu":
+            return False
+        return self._resolve_gather_method() == "shm" or self._mpi is not None
+
+    def gather_buckets_(self, buckets: Sequence[tuple[torch.Tensor, Sequence[int]]], *, what: str) -> None:
+        """Gather several buckets now; on shared memory in rounds of up to 256 MiB, two barriers each.
+
+        Collective: call on every rank of the group, in the same order, with the same buckets.
+        """
+        batch: list[tuple[torch.Tensor, Sequence[int]]] = []
+        if self._resolve_gather_method() == "shm" and not self.mpi_gather:
+            rounds: list[list[tuple[torch.Tensor, Sequence[int]]]] = [[]]
+            nbytes = 0
+            for bucket, bounds in buckets:
+                size = bucket.numel() * bucket.element_size()
+                if bucket.device.type != "cpu" or bounds[-1] == 0:
+                    batch.append((bucket, bounds))
+                    continue
+                if rounds[-1] and nbytes + size > _SHM_ROUND_NBYTES:
+                    rounds.append([])
+                    nbytes = 0
+                rounds[-1].append((bucket, bounds))
+                nbytes += size
+            for members in rounds:
+                if members and not self._shared_staging().gather_many_(members):
+                    batch.extend(members)  # too big for /dev/shm: bucket by bucket
+        else:
+            batch = list(buckets)
+        pending = [self.gather_bucket_async(b, bounds, what=what) for b, bounds in batch]
+        for handle in pending:
+            handle.wait()
 
     def reduce_scatter_bucket_async(
         self, bucket: torch.Tensor, bounds: Sequence[int], *, what: str, out_dtype: torch.dtype | None = None

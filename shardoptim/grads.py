@@ -19,12 +19,17 @@ Must not import shardoptim.optimizer.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from shardoptim.comm import Comm, PendingReduce
+
+#: Reductions allowed in flight before backward waits for the oldest (its full bucket is then
+#: freed): bounds gradient memory to the shards plus this many buckets (plus the one filling).
+MAX_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +49,12 @@ class _GradBucket:
     bounds: tuple[int, ...]
     shard_dtype: torch.dtype
     param_indices: list[int]
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    """(start, numel) of the padding between and after the parameters."""
     full: torch.Tensor | None = None
     """The full gradient bucket being filled in this backward pass (None when not started)."""
+    written: set[int] = field(default_factory=set)
+    """Parameters whose gradient is in `full` (the rest of it is uninitialised until launch)."""
     seen: set[int] = field(default_factory=set)
     waiting: int = 0
     """Trainable parameters of the bucket whose gradient has not arrived in this pass."""
@@ -76,6 +85,7 @@ class GradReducer:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.has_grad: list[bool] = []
         """Per parameter: a gradient arrived on this rank since the last zero_grad."""
+        self._in_flight: deque[int] = deque()
         self._no_sync = False
         self._unreduced = False
         self._in_pass = False
@@ -90,11 +100,17 @@ class GradReducer:
         slots: dict[int, GradSlot],
     ) -> None:
         """Register one parameter bucket (same size, dtype and bounds as `buffer`) and its params."""
-        self._buckets.append(
-            _GradBucket(
-                buffer.numel(), buffer.dtype, buffer.device, tuple(bounds), shard_dtype, sorted(slots)
-            )
+        grad_bucket = _GradBucket(
+            buffer.numel(), buffer.dtype, buffer.device, tuple(bounds), shard_dtype, sorted(slots)
         )
+        end = 0
+        for slot in sorted(slots.values(), key=lambda s: s.start_global):
+            if slot.start_global > end:
+                grad_bucket.gaps.append((end, slot.start_global - end))
+            end = max(end, slot.start_global + slot.numel)
+        if buffer.numel() > end:
+            grad_bucket.gaps.append((end, buffer.numel() - end))
+        self._buckets.append(grad_bucket)
         bucket = len(self._buckets) - 1
         for index, slot in slots.items():
             self._slots[index] = GradSlot(bucket, slot.start_global, slot.numel)
@@ -194,8 +210,14 @@ class GradReducer:
                 "which stage=2 cannot reduce-scatter; use stage=1 (e.g. with torch.optim.SparseAdam)"
             )
         if bucket.full is None:
-            bucket.full = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
-        bucket.full.narrow(0, slot.start_global, slot.numel).add_(grad.reshape(-1))
+            bucket.full = torch.empty(bucket.numel, dtype=bucket.dtype, device=bucket.device)
+            bucket.written.clear()
+        region = bucket.full.narrow(0, slot.start_global, slot.numel)
+        if index in bucket.written:
+            region.add_(grad.reshape(-1))
+        else:
+            region.copy_(grad.reshape(-1))  # no zero-fill pass over the bucket
+            bucket.written.add(index)
         param.grad = None
         self.has_grad[index] = True  # also for a parameter unfrozen since its hook was due
 
@@ -216,14 +238,39 @@ class GradReducer:
         full = bucket.full
         if full is None:
             full = torch.zeros(bucket.numel, dtype=bucket.dtype, device=bucket.device)
+        else:
+            for start, numel in bucket.gaps:
+                full.narrow(0, start, numel).zero_()
+            for index in bucket.param_indices:
+                if index not in bucket.written:
+                    slot = self._slots[index]
+                    full.narrow(0, slot.start_global, slot.numel).zero_()
         bucket.full = None
-        if self._comm.world_size > 1:
-            full.div_(self._comm.world_size)
         bucket.in_flight = full
         bucket.pending = self._comm.reduce_scatter_bucket_async(
             full, bucket.bounds, what=f"gradient reduce-scatter (bucket {b})", out_dtype=bucket.shard_dtype
         )
         bucket.launched = True
+        self._in_flight.append(b)
+        self._drain(keep=MAX_IN_FLIGHT)
+
+    def _drain(self, *, keep: int) -> None:
+        """Finish the oldest reductions: every finished one, and any beyond `keep` in flight."""
+        while self._in_flight:
+            bucket = self._buckets[self._in_flight[0]]
+            assert bucket.pending is not None
+            if len(self._in_flight) <= keep and not bucket.pending.done:
+                return
+            self._in_flight.popleft()
+            result = bucket.pending.wait()
+            bucket.pending = None
+            bucket.in_flight = None  # the full bucket is released here
+            if self._comm.world_size > 1:
+                result.div_(self._comm.world_size)  # the mean, on the shard only
+            if bucket.shard is None:
+                bucket.shard = result if result._base is None else result.clone()
+            else:
+                bucket.shard.add_(result)
 
     def _end_pass(self) -> None:
         self._launch_rest_and_wait()
@@ -234,16 +281,7 @@ class GradReducer:
             if self._buckets[self._next].active:
                 self._launch(self._next)
             self._next -= 1
-        for bucket in self._buckets:
-            if bucket.pending is None:
-                continue
-            result = bucket.pending.wait()
-            bucket.pending = None
-            bucket.in_flight = None
-            if bucket.shard is None:
-                bucket.shard = result if result._base is None else result.clone()
-            else:
-                bucket.shard.add_(result)
+        self._drain(keep=0)
 
     def flush_(self) -> None:
         """Reduce gradients still held in `.grad` (left by `no_sync()`) into the shards.

@@ -584,6 +584,7 @@ class ShardedOptimizer(Optimizer):
         groups = self.optim.param_groups
         saved = [g["params"] for g in groups]
         pending: list[PendingGather] = []
+        batched: list[tuple[torch.Tensor, tuple[int, ...]]] = []
         try:
             for b, bucket in enumerate(self._buckets):
                 if has_work[b]:
@@ -593,17 +594,20 @@ class ShardedOptimizer(Optimizer):
                     if self._masters.has(b):
                         self._keep_master_in_state(bucket)
                         self._masters.write_back_([b])
-                if active[b]:
-                    pending.append(
-                        self._comm.gather_bucket_async(
-                            bucket.buffer, bucket.bounds, what=f"parameter gather (bucket {b})"
-                        )
-                    )
+                if not active[b]:
+                    continue
+                if self._comm.gathers_synchronously(bucket.buffer.device):
+                    batched.append((bucket.buffer, bucket.bounds))  # no overlap to gain: one round
+                else:
+                    what = f"parameter gather (bucket {b})"
+                    pending.append(self._comm.gather_bucket_async(bucket.buffer, bucket.bounds, what=what))
         finally:
             for group, plist in zip(groups, saved):
                 group["params"] = plist
             for piece in self._pieces:
                 piece.local.grad = None
+        if batched:
+            self._comm.gather_buckets_(batched, what="parameter gather")
         for handle in pending:
             handle.wait()
 

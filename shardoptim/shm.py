@@ -119,6 +119,35 @@ class SharedStaging:
         self._barrier()
         return True
 
+    def gather_many_(self, buckets: Sequence[tuple[torch.Tensor, Sequence[int]]]) -> bool:
+        """Gather several CPU buckets in one round: all copies in, one barrier, all copies out.
+
+        Two barriers for the lot instead of two per bucket. Returns False (on every rank, having
+        done nothing) when the staging buffer cannot grow to hold them all.
+
+        Collective: call on every rank of the group, in the same order, with the same sizes.
+        """
+        offsets, total = [], 0
+        for bucket, _ in buckets:
+            offsets.append(total)
+            total += -(-bucket.numel() * bucket.element_size() // 64) * 64  # 64-byte aligned
+        if not self._ensure(total):
+            return False
+        stages = []
+        for (bucket, bounds), offset in zip(buckets, offsets):
+            nbytes = bucket.numel() * bucket.element_size()
+            stage = self._buffer[offset : offset + nbytes].view(bucket.dtype)
+            start, end = bounds[self._rank], bounds[self._rank + 1]
+            stage[start:end].copy_(bucket[start:end])
+            stages.append(stage)
+        self._barrier()
+        for (bucket, bounds), stage in zip(buckets, stages):
+            start, end = bounds[self._rank], bounds[self._rank + 1]
+            bucket[:start].copy_(stage[:start])
+            bucket[end:].copy_(stage[end:])
+        self._barrier()
+        return True
+
     def reduce_scatter_(self, bucket: torch.Tensor, bounds: Sequence[int], out: torch.Tensor) -> bool:
         """Set `out` to the sum over ranks of this rank's range of `bucket`, through the shared buffer.
 

@@ -143,6 +143,7 @@ def _check_die_in_step(rank: int, world_size: int, *, out: str, where: str) -> N
             run.opt.optim.step = lambda *args, **kwargs: _kill_self()  # type: ignore[method-assign]
         else:
             run.opt._comm.gather_bucket_async = lambda *args, **kwargs: _kill_self()  # type: ignore[method-assign]
+            run.opt._comm.gather_buckets_ = lambda *args, **kwargs: _kill_self()  # type: ignore[method-assign]
     _grads_(run.model, 2)
     # NOTE: a survivor returns right after reporting; the pool then kills it with its group still open.
     _timed(out, rank, run.opt.step)
