@@ -183,8 +183,14 @@ class HparamSyncer:
         self.mode: HparamSync = mode
         self.capacity = _MIN_CAPACITY
 
-    def sync_(self, groups: Sequence[dict[str, Any]]) -> None:
+    def sync_(
+        self, groups: Sequence[dict[str, Any]], *, extra: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Make the numeric options of `groups` identical on every rank, or check that they are.
+
+        `extra` (a small 1-D tensor, the same length on every rank) rides along in the same
+        all-gather; every rank's copy is returned as a (world_size, len) float64 tensor (None
+        without `extra`). With mode "off" it gets an all-gather of its own.
 
         "broadcast" overwrites every rank's values with rank 0's; "check" raises RuntimeError on
         every rank when any value differs, naming the group, the key and the value on each rank;
@@ -195,15 +201,28 @@ class HparamSyncer:
         Collective: call on every rank of the group, in the same order (except with mode "off").
         """
         comm = self.comm
-        if self.mode == "off" or comm.world_size == 1:
-            return
-        packed, entries = pack_hparams(groups, capacity=self.capacity)
-        gathered = comm.all_gather(packed.to(comm.device), what=f"hyperparameter {self.mode}").cpu()
+        extra64 = None if extra is None else extra.detach().to("cpu", torch.float64).reshape(-1)
+        if comm.world_size == 1:
+            return None if extra64 is None else extra64.unsqueeze(0)
+        if self.mode == "off":
+            if extra64 is None:
+                return None
+            return comm.all_gather(extra64.to(comm.device), what="step flags").cpu()
+
+        def gather() -> tuple[torch.Tensor, list[Any]]:
+            packed, entries = pack_hparams(groups, capacity=self.capacity)
+            if extra64 is not None:
+                packed = torch.cat([packed, extra64])
+            what = f"hyperparameter {self.mode}"
+            return comm.all_gather(packed.to(comm.device), what=what).cpu(), entries
+
+        gathered, entries = gather()
         overflow = gathered[:, 0] == _OVERFLOW
         if bool(overflow.any()):
             self.capacity = int(gathered[overflow, 1].max().item())
-            packed, entries = pack_hparams(groups, capacity=self.capacity)
-            gathered = comm.all_gather(packed.to(comm.device), what=f"hyperparameter {self.mode}").cpu()
+            gathered, entries = gather()
+        extras = None if extra64 is None else gathered[:, gathered.shape[1] - extra64.numel() :]
+        gathered = gathered[:, : gathered.shape[1] - (0 if extra64 is None else extra64.numel())]
         fingerprints = gathered[:, 0]
         if not bool((fingerprints == fingerprints[0]).all()):
             mine = [sorted(k for k in g if k not in STRUCTURE_KEYS) for g in groups]
@@ -215,13 +234,14 @@ class HparamSyncer:
             )
         if self.mode == "broadcast":
             unpack_hparams_(groups, gathered[0], entries)
-            return
+            return extras
         if not _same(gathered):
             raise RuntimeError(
                 f"{comm.prefix}hparam_sync='check': {_describe_mismatch(gathered, entries)}. Change "
                 "hyperparameters identically on every rank (e.g. reduce a ReduceLROnPlateau metric with "
                 "shardoptim.all_reduce_metric), or use hparam_sync='broadcast'"
             )
+        return extras
 
 
 def sync_hparams_(groups: Sequence[dict[str, Any]], comm: Comm, *, mode: HparamSync) -> None:

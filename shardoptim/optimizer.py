@@ -501,9 +501,12 @@ class ShardedOptimizer(Optimizer):
             self._reducer.flush_()
         self._consolidated = None
         self._consolidated_to = None
-        self._hparams.sync_(self.param_groups)
+        # NOTE: the step flags (which parameters got gradients, inf/nan) ride in the same
+        # all-gather as the hyperparameters: one collective per step for both.
+        flags = self._grads.local_flags(check_nonfinite=self.config.skip_nonfinite)
+        rank_to_flags = self._hparams.sync_(self.param_groups, extra=flags)
         copy_hparams_(self.param_groups, self.optim.param_groups)
-        has_grad, nonfinite = self._grads.step_flags(check_nonfinite=self.config.skip_nonfinite)
+        has_grad, nonfinite = self._grads.merge_flags(rank_to_flags)
         self.last_step_skipped = nonfinite
         if nonfinite:
             self.num_skipped_steps += 1

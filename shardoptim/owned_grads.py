@@ -122,20 +122,25 @@ class OwnedGrads:
             gradnorm.unscale_and_check_(self._comm, grads, inv_scale, found_inf)
         return {found_inf.device: found_inf}
 
-    def step_flags(self, *, check_nonfinite: bool) -> tuple[list[bool] | None, bool]:
-        """Agree on which parameters got a gradient on any rank (stage 2) and on inf/nan.
+    def local_flags(self, *, check_nonfinite: bool) -> torch.Tensor | None:
+        """Return this rank's step flags: per parameter "a gradient arrived" (stage 2), then inf/nan.
 
-        Collective: one small all-reduce when either is needed (stage 2, or check_nonfinite).
+        None when nothing needs agreeing (stage 1 without the inf/nan check). Merge every rank's
+        flags with `merge_flags`.
         """
         if self._reducer is None and not check_nonfinite:
-            return None, False
+            return None
         flags = list(self._reducer.has_grad) if self._reducer is not None else []
+        nonfinite = False
         if check_nonfinite:
             tensors = self._reducer.shards() if self._reducer is not None else self.owned()
-            flags.append(gradnorm.local_nonfinite(tensors))
-        else:
-            flags.append(False)
-        vector = torch.tensor(flags, dtype=torch.float32, device=self._comm.device)
-        self._comm.all_reduce_(vector, op="max", what="gradient flags (arrived, inf/nan)")
-        merged = [bool(v) for v in vector.cpu().tolist()]
+            nonfinite = gradnorm.local_nonfinite(tensors)
+        flags.append(nonfinite)
+        return torch.tensor(flags, dtype=torch.float64)
+
+    def merge_flags(self, rank_to_flags: torch.Tensor | None) -> tuple[list[bool] | None, bool]:
+        """Return (parameters with a gradient on any rank or None at stage 1, inf/nan on any rank)."""
+        if rank_to_flags is None:
+            return None, False
+        merged = [bool(v) for v in rank_to_flags.amax(dim=0).tolist()]
         return (merged[:-1] if self._reducer is not None else None), merged[-1]
