@@ -151,7 +151,7 @@ def main() -> None:
         comm.gather_bucket_async(bucket, bounds, what="benchmark gather").wait()
 
     def shm_reduce_scatter() -> None:
-        comm.reduce_scatter_bucket_async(bucket, bounds, what="benchmark reduce-scatter").wait()
+        comm.reduce_scatter_mean_async(bucket, bounds, out, accumulate=False, what="benchmark reduce-scatter").wait()
 
     recv_spec = [bucket.numpy(), [shard] * world_size, bounds[:-1], MPI.FLOAT]
     reduce_name, gloo_reduce = _gloo_reduce_scatter(bucket, bounds, out)

@@ -67,40 +67,45 @@ class PendingGather:
 
 
 class PendingReduce:
-    """The async reduce-scatter of one bucket; `wait()` returns the summed range this rank owns."""
+    """The async mean-reduce-scatter of one bucket; `wait()` finishes it into its `out` tensor."""
 
-    def __init__(self, comm: Comm, works: Sequence[dist.Work], result: torch.Tensor, what: str) -> None:
+    def __init__(
+        self,
+        comm: Comm,
+        works: Sequence[dist.Work],
+        *,
+        total: torch.Tensor | None,
+        out: torch.Tensor,
+        accumulate: bool,
+        what: str,
+    ) -> None:
         self._comm = comm
         self._works = list(works)
-        self._result = result
+        self._total = total
+        self._out = out
+        self._accumulate = accumulate
         self._what = what
 
     @property
     def done(self) -> bool:
-        """Whether the reduction has finished (waiting would not block)."""
+        """Whether the communication has finished (waiting would not block)."""
         return all(work.is_completed() for work in self._works)
 
     def wait(self) -> torch.Tensor:
-        """Wait for the reduction; return the owned range of the sum (raises naming the operation)."""
+        """Wait; then `out` holds (out if accumulating, else 0) + sum / world_size. Returns `out`."""
         for work in self._works:
             self._comm.wait_work(work, self._what)
         self._works.clear()
-        return self._result
-
-
-class _CastOnWait(PendingReduce):
-    """A pending reduction whose result is cast to a wider dtype once it arrives."""
-
-    def __init__(self, inner: PendingReduce, dtype: torch.dtype) -> None:
-        self._inner = inner
-        self._dtype = dtype
-
-    @property
-    def done(self) -> bool:
-        return self._inner.done
-
-    def wait(self) -> torch.Tensor:
-        return self._inner.wait().to(self._dtype)
+        total, self._total = self._total, None
+        if total is not None:  # the sum arrived in a scratch tensor: take the mean into out
+            scale = 1.0 / self._comm.world_size
+            if self._accumulate:
+                self._out.add_(total, alpha=scale)
+            else:
+                self._out.copy_(total)
+                if scale != 1.0:
+                    self._out.mul_(scale)
+        return self._out
 
 
 class Comm:
@@ -148,6 +153,7 @@ class Comm:
         self.mpi_reduce: bool | None = None if self.backend == "gloo" else False
         self._staging: SharedStaging | None = None
         self._mpi: MpiCollectives | None = None
+        self._scratches: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     def _resolve_gather_method(self) -> GatherMethod:
         if self.gather_method is None:
@@ -313,7 +319,8 @@ class Comm:
         Collective: call on every rank of the group, in the same order, with the same buckets.
         """
         batch: list[tuple[torch.Tensor, Sequence[int]]] = []
-        if self._resolve_gather_method() == "shm" and not self.mpi_gather:
+        method = self._resolve_gather_method()
+        if method == "shm" and (self._mpi is None or self.mpi_gather is False):
             rounds: list[list[tuple[torch.Tensor, Sequence[int]]]] = [[]]
             nbytes = 0
             for bucket, bounds in buckets:
@@ -335,54 +342,60 @@ class Comm:
         for handle in pending:
             handle.wait()
 
-    def reduce_scatter_bucket_async(
-        self, bucket: torch.Tensor, bounds: Sequence[int], *, what: str, out_dtype: torch.dtype | None = None
+    def reduce_scatter_mean_async(
+        self, bucket: torch.Tensor, bounds: Sequence[int], out: torch.Tensor, *, accumulate: bool, what: str
     ) -> PendingReduce:
-        """Start summing `bucket` over the ranks into the range this rank owns; return the handle.
+        """Start averaging `bucket` over the ranks into `out`, this rank's range; return the handle.
+
+        After `wait()`, out = (out if `accumulate` else 0) + (sum over ranks of the range) /
+        world_size. `out` may be wider than the bucket (fp32 shards of a bf16 bucket): the
+        shared-memory path sums straight into it, the others sum in the bucket's dtype first.
+        `bucket` is scratch afterwards (its contents on any rank are unspecified).
 
         Collective: call on every rank of the group, in the same order, with the same sizes.
-        `bucket` is scratch afterwards (its contents on any rank are unspecified).
 
         Args:
             bucket: this rank's full flat contribution.
-            bounds: world_size + 1 offsets; rank r receives the sum of [bounds[r], bounds[r + 1]).
+            bounds: world_size + 1 offsets; rank r owns [bounds[r], bounds[r + 1]).
+            out: bounds[rank + 1] - bounds[rank] elements, on the bucket's device.
+            accumulate: add to `out` instead of overwriting it.
             what: a name for error messages.
-            out_dtype: dtype of the result; the shared-memory path sums straight into it (e.g.
-                fp32 sums of a bf16 bucket), the others cast after summing in the bucket's dtype.
         """
         start, end = bounds[self.rank], bounds[self.rank + 1]
-        out_dtype = out_dtype or bucket.dtype
         if self.world_size == 1 or bounds[-1] == 0:
-            return PendingReduce(self, [], bucket[start:end].to(out_dtype), what)
+            return PendingReduce(self, [], total=bucket[start:end], out=out, accumulate=accumulate, what=what)
         sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
         method = self._resolve_gather_method()
         mpi = self._mpi
         if mpi is not None and bucket.device.type == "cpu" and bucket.dtype in (torch.float32, torch.float64):
             # NOTE: never bf16/fp16: MPI has no type that adds them correctly.
-            out = torch.empty(end - start, dtype=bucket.dtype)
+            total = self._scratch(end - start, bucket.dtype)
             if self.mpi_reduce is None:
                 self.mpi_reduce = False
                 if method == "shm":  # the one torch way that is idempotent and may be faster
                     staging = self._shared_staging()
                     self.mpi_reduce = self._faster_than_torch(
-                        lambda: mpi.reduce_scatter_bucket_(bucket, bounds, out),
-                        lambda: None if staging.reduce_scatter_(bucket, bounds, out.clone()) else None,
+                        lambda: mpi.reduce_scatter_bucket_(bucket, bounds, total),
+                        lambda: None if staging.reduce_scatter_(bucket, bounds, total.clone()) else None,
                         what="gradient reduce-scatter",
                     )
                 else:
                     self.mpi_reduce = True  # gloo over TCP: measured 2-4x slower (benchmarks/comm.py)
             if self.mpi_reduce:
-                mpi.reduce_scatter_bucket_(bucket, bounds, out)
-                return PendingReduce(self, [], out.to(out_dtype), what)
+                mpi.reduce_scatter_bucket_(bucket, bounds, total)
+                return PendingReduce(self, [], total=total, out=out, accumulate=accumulate, what=what)
         if method == "shm" and bucket.device.type == "cpu":
-            out = torch.empty(end - start, dtype=out_dtype)
-            if self._shared_staging().reduce_scatter_(bucket, bounds, out):
-                return PendingReduce(self, [], out, what)
+            scale = 1.0 / self.world_size
+            if self._shared_staging().reduce_scatter_(
+                bucket, bounds, out, accumulate=accumulate, scale=scale
+            ):
+                return PendingReduce(self, [], total=None, out=out, accumulate=accumulate, what=what)
             self.gather_method = method = "broadcast"  # /dev/shm too small: same on every rank
         works: list[dist.Work | None] = []
         if len(set(sizes)) == 1:
-            result = torch.empty(end - start, dtype=bucket.dtype, device=bucket.device)
-            works.append(_reduce_scatter_single(result, bucket, group=self.group, async_op=True))
+            # a fresh result per launch: several of these may be in flight at once
+            total = torch.empty(end - start, dtype=bucket.dtype, device=bucket.device)
+            works.append(_reduce_scatter_single(total, bucket, group=self.group, async_op=True))
         else:
             # Uneven ranges (whole-tensor layouts): one reduce per owner, into its own range.
             for rank, numel in enumerate(sizes):
@@ -391,12 +404,22 @@ class Comm:
                     works.append(
                         dist.reduce(part, dst=self.global_rank(rank), group=self.group, async_op=True)
                     )
-            result = bucket[start:end]
+            total = bucket[start:end]
         assert all(work is not None for work in works)
-        pending = PendingReduce(self, [w for w in works if w is not None], result, what)
-        if out_dtype == bucket.dtype:
-            return pending
-        return _CastOnWait(pending, out_dtype)
+        done = [w for w in works if w is not None]
+        return PendingReduce(self, done, total=total, out=out, accumulate=accumulate, what=what)
+
+    def _scratch(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Return a reused CPU scratch tensor (fresh large allocations cost page faults every step).
+
+        NOTE: for the synchronous (MPI) path only: its reduction is complete when the call
+        returns, and the caller finishes it (wait) before launching another.
+        """
+        key = (numel, dtype, torch.device("cpu"))
+        scratch = self._scratches.get(key)
+        if scratch is None:
+            scratch = self._scratches[key] = torch.empty(numel, dtype=dtype)
+        return scratch
 
     def broadcast_(self, tensor: torch.Tensor, *, src: int = 0, what: str) -> None:
         """Overwrite `tensor` with rank `src`'s copy (src is a rank in the shard group).

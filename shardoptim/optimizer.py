@@ -402,10 +402,11 @@ class ShardedOptimizer(Optimizer):
     def memory_nbytes(self) -> dict[str, int]:
         """Return this rank's bytes of "params" (full buckets), "grads", "state" and "master".
 
-        "grads" counts the gradient shards at stage 2 and the parameters' `.grad` at stage 1.
+        "grads" counts at stage 2 the gradient shards and the full gradient buckets kept for reuse
+        (at most grads.POOL_SIZE per bucket size), at stage 1 the parameters' `.grad`.
         """
         if self._reducer is not None:
-            grads = sum(_nbytes(g) for g in self._reducer.shards())
+            grads = self._reducer.allocated_nbytes()  # shards and pooled full buckets
             grads += sum(_nbytes(p.grad) for p in self._params)  # left by no_sync()
         else:
             grads = sum(_nbytes(p.grad) for p in self._params)

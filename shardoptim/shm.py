@@ -148,8 +148,16 @@ class SharedStaging:
         self._barrier()
         return True
 
-    def reduce_scatter_(self, bucket: torch.Tensor, bounds: Sequence[int], out: torch.Tensor) -> bool:
-        """Set `out` to the sum over ranks of this rank's range of `bucket`, through the shared buffer.
+    def reduce_scatter_(
+        self,
+        bucket: torch.Tensor,
+        bounds: Sequence[int],
+        out: torch.Tensor,
+        *,
+        accumulate: bool = False,
+        scale: float = 1.0,
+    ) -> bool:
+        """Set `out` to `scale` times the sum over ranks of this rank's range of `bucket` (or add it).
 
         Each rank copies its whole bucket into its own slot; after a barrier each rank adds up its
         range across the slots in rank order (the same order on every rank, so the result does not
@@ -167,8 +175,14 @@ class SharedStaging:
         slots[self._rank].copy_(bucket)
         self._barrier()
         start, end = bounds[self._rank], bounds[self._rank + 1]
-        out.copy_(slots[0, start:end])
-        for rank in range(1, self._world_size):
-            out.add_(slots[rank, start:end])
+        if accumulate:
+            for rank in range(self._world_size):
+                out.add_(slots[rank, start:end], alpha=scale)
+        else:
+            out.copy_(slots[0, start:end])
+            for rank in range(1, self._world_size):
+                out.add_(slots[rank, start:end])
+            if scale != 1.0:
+                out.mul_(scale)
         self._barrier()
         return True

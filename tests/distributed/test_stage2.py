@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shardoptim import ShardedGradScaler, ShardedOptimizer
+from shardoptim.grads import POOL_SIZE
 from tests._dist import all_equal_across_ranks
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -153,7 +154,11 @@ def _check_memory_is_sharded(rank: int, world_size: int) -> dict[str, int]:
     assert sum(opt.rank_to_numel()) == 2 * (64 * 64 + 64)
     assert max(opt.rank_to_numel()) <= 2 * (64 * 64 + 64) / world_size + 64
     # the shards span this rank's range of each bucket: its elements plus alignment padding
-    assert owned * 4 <= sizes["grads"] <= (owned + 64 * len(opt._buckets)) * 4
+    shards = sum(t.numel() * t.element_size() for t in opt._reducer.shards())
+    assert owned * 4 <= shards <= (owned + 64 * len(opt._buckets)) * 4
+    # plus at most POOL_SIZE full buckets kept for reuse
+    largest = max(b.buffer.numel() * b.buffer.element_size() for b in opt._buckets)
+    assert shards < sizes["grads"] <= shards + POOL_SIZE * largest
     assert sizes["state"] == 2 * owned * 4 + 4 * len(opt.optim.state)  # exp_avg, exp_avg_sq, 4-byte steps
     return sizes
 
