@@ -60,10 +60,13 @@ mapped and unmapped on its own and RSS follows the live tensors, but each step t
 faults for the buffers it allocates anew (stage 2's full gradient buckets: ~20% slower steps here).
 
 Then it prints, per world size, one markdown table and the target lines: stage 2 gradient + state
-memory per rank (max over ranks) <= 1.05 x ideal + the largest stage-2 gradient bucket (in flight
-during backward; bucket_numel defaults to 4 Mi elements at stage 2), checked twice: with the
-gradients memory_nbytes() reports after backward (the shards) and with the gradient peak during
-backward; the same for stage 2 master (its master shard included); and stage 2 step time <= DDP +
+memory per rank (max over ranks) <= 1.05 x ideal + the buckets in flight, each counted as the
+largest stage-2 gradient bucket (bucket_numel defaults to 4 Mi elements at stage 2; shardoptim
+keeps shardoptim.grads.POOL_SIZE = 2 released full buckets for reuse, so that is the allowance
+after backward, and at the peak the full buckets alive then if more), checked twice: with the
+gradients memory_nbytes() reports after backward (shards + pooled buckets) and with the gradient
+peak during backward; the same for stage 2 master (its master shard included) and for stage 2
+with 1 Mi-element buckets (row h: less memory in flight); and stage 2 step time <= DDP +
 ZeroRedundancyOptimizer. It exits with status 1 if a target fails. `--png PATH` (default
 /tmp/shardoptim_memory.png; '' for none) writes a bar chart of params / grads / state / master
 MiB per rank (max over ranks, after backward), per configuration and N.
@@ -99,6 +102,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 import shardoptim  # noqa: E402
+from shardoptim.grads import POOL_SIZE  # noqa: E402
 
 LR = 1e-3
 WEIGHT_DECAY = 0.1
@@ -126,6 +130,8 @@ class _Config:
     """Cast the model to bfloat16 before building the optimizer and DDP."""
     master: bool = False
     """ShardedOptimizer(master_dtype=torch.float32)."""
+    bucket_numel: int | None = None
+    """ShardedOptimizer's bucket_numel (None: its default for the stage)."""
 
 
 CONFIGS: dict[str, _Config] = {
@@ -136,6 +142,7 @@ CONFIGS: dict[str, _Config] = {
     "stage 1 master": _Config(code="e", optimizer="shardoptim", ddp=True, stage=1, bf16=True, master=True),
     "stage 2 master": _Config(code="f", optimizer="shardoptim", ddp=False, stage=2, bf16=True, master=True),
     "ddp adamw bf16": _Config(code="g", optimizer="adamw", ddp=True, bf16=True),
+    "stage 2 1Mi buckets": _Config(code="h", optimizer="shardoptim", ddp=False, stage=2, bucket_numel=1 << 20),
 }
 
 
@@ -229,7 +236,7 @@ def _build_optimizer(config: _Config, params: list[nn.Parameter]) -> Any:
         )
     master = torch.float32 if config.master else None
     return shardoptim.ShardedOptimizer(
-        params, torch.optim.AdamW, stage=config.stage, master_dtype=master, **kw
+        params, torch.optim.AdamW, stage=config.stage, master_dtype=master, bucket_numel=config.bucket_numel, **kw
     )
 
 
@@ -286,6 +293,8 @@ def _live_grad_nbytes(params: list[nn.Parameter], reducer: Any) -> int:
     being filled, the one in flight and the shard.
     """
     total = sum(_nbytes(p.grad) for p in params)
+    pooled = [t for pool in getattr(reducer, "_pool", {}).values() for t in pool]
+    total += sum(_nbytes(t) for t in pooled)  # released full buckets kept for reuse
     for bucket in getattr(reducer, "_buckets", ()):
         seen: set[int] = set()
         for t in (bucket.full, bucket.in_flight, bucket.shard):
@@ -528,17 +537,17 @@ def _table(by_name: dict[str, dict[str, Any]], *, repeated: bool) -> str:
 def _check_targets(by_name: dict[str, dict[str, Any]], world_size: int) -> bool:
     """Print the PASS/FAIL lines for one world size; return whether all passed."""
     ok = True
-    for name in ("stage 2", "stage 2 master"):
+    for name in ("stage 2", "stage 2 master", "stage 2 1Mi buckets"):
         s = by_name.get(name)
         if s is None:
             continue
         extra = s["master"] if name == "stage 2 master" else 0.0
         what = "grads+state" + ("+master" if extra else "")
-        # After backward no bucket is in flight; at the peak the allowance is the full buckets
-        # alive then (filling, or behind one still waiting for a late gradient), each at most the
-        # largest bucket.
+        # The in-flight allowance: shardoptim keeps POOL_SIZE released full buckets for reuse (after
+        # backward too); at the peak, the full buckets alive then if more (filling, or behind one
+        # still waiting for a late gradient). Each counts as the largest bucket.
         for when, grads in (("after backward", s["grads"]), ("peak in backward", s["grads_peak"])):
-            alive = s["full_buckets_at_peak"] if when == "peak in backward" else 0
+            alive = POOL_SIZE if when == "after backward" else max(POOL_SIZE, s["full_buckets_at_peak"])
             bound = (1 + MEMORY_TOL) * s["ideal"] + alive * s["in_flight"]
             measured = grads + s["state"] + extra
             passed = measured <= bound

@@ -30,9 +30,10 @@ from shardoptim.comm import Comm, PendingReduce
 #: Reductions allowed in flight before backward waits for the oldest (its full bucket is then
 #: released): bounds gradient memory to the shards plus this many buckets (plus those filling).
 MAX_IN_FLIGHT = 2
-#: Released full buckets kept for reuse, per (size, dtype, device). A fresh allocation of a large
-#: buffer costs page faults on every step (about 7 ms per 16 MiB here, 10x the copy into it), so
-#: this many buckets of gradient memory stay allocated between steps: the buckets in flight.
+#: Released full buckets kept for reuse, per (dtype, device): the largest ones, each serving any
+#: bucket that fits. A fresh allocation of a large buffer costs page faults on every step (about
+#: 7 ms per 16 MiB here, 10x the copy into it), so this many buckets of gradient memory stay
+#: allocated between steps: the buckets in flight.
 POOL_SIZE = 2
 
 
@@ -92,7 +93,7 @@ class GradReducer:
         self.has_grad: list[bool] = []
         """Per parameter: a gradient arrived on this rank since the last zero_grad."""
         self._in_flight: deque[int] = deque()
-        self._pool: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = {}
+        self._pool: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
         self._no_sync = False
         self._unreduced = False
         self._in_pass = False
@@ -292,17 +293,21 @@ class GradReducer:
             bucket.in_flight = None
 
     def _take_buffer(self, bucket: _GradBucket) -> torch.Tensor:
-        """Return a full-bucket buffer (uninitialised): a pooled one if any, else a new one."""
-        pool = self._pool.get((bucket.numel, bucket.dtype, bucket.device))
-        if pool:
-            return pool.pop()
+        """Return a full-bucket buffer (uninitialised): the smallest pooled one that fits, else a new one."""
+        pool = self._pool.get((bucket.dtype, bucket.device), [])
+        fitting = [i for i, t in enumerate(pool) if t.numel() >= bucket.numel]
+        if fitting:
+            buffer = pool.pop(min(fitting, key=lambda i: pool[i].numel()))  # by position: no tensor ==
+            return buffer[: bucket.numel]
         return torch.empty(bucket.numel, dtype=bucket.dtype, device=bucket.device)
 
     def _give_back(self, bucket: _GradBucket, buffer: torch.Tensor) -> None:
-        """Keep a released full bucket for reuse, up to POOL_SIZE per kind; drop the rest."""
-        pool = self._pool.setdefault((bucket.numel, bucket.dtype, bucket.device), [])
-        if len(pool) < POOL_SIZE:
-            pool.append(buffer)
+        """Keep a released full bucket for reuse: the POOL_SIZE largest per (dtype, device)."""
+        base = buffer if buffer._base is None else buffer._base
+        pool = self._pool.setdefault((bucket.dtype, bucket.device), [])
+        pool.append(base)
+        pool.sort(key=lambda t: t.numel(), reverse=True)
+        del pool[POOL_SIZE:]
 
     def _end_pass(self) -> None:
         self._launch_rest_and_wait()
