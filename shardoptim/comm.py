@@ -152,6 +152,7 @@ class Comm:
         self.mpi_gather: bool | None = None if self.backend == "gloo" else False
         self.mpi_reduce: bool | None = None if self.backend == "gloo" else False
         self._staging: SharedStaging | None = None
+        self._reduce_staging: SharedStaging | None = None
         self._mpi: MpiCollectives | None = None
         self._scratches: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -216,15 +217,27 @@ class Comm:
             logger.info("%s: MPI %.2f ms, torch.distributed %.2f ms", what, 1e3 * mpi_s, 1e3 * torch_s)
         return bool(mpi_s < torch_s)
 
-    def _shared_staging(self) -> SharedStaging:
-        if self._staging is None:
-            self._staging = SharedStaging(
+    def _shared_staging(self, *, for_reductions: bool = False) -> SharedStaging:
+        """Return the staging area for gathers, or the separate one for reductions.
+
+        NOTE: reductions skip their trailing barrier (see SharedStaging.reduce_scatter_), so
+        their area must not be shared with the gathers'.
+        """
+        staging = self._reduce_staging if for_reductions else self._staging
+        if staging is None:
+            staging = SharedStaging(
                 self.rank,
                 self.world_size,
                 functools.partial(self.all_gather_object, what="shared-memory setup"),
-                functools.partial(self.barrier, what="parameter gather (shared memory)"),
+                functools.partial(self.barrier, what="gradient reduce-scatter (shared memory)")
+                if for_reductions
+                else functools.partial(self.barrier, what="parameter gather (shared memory)"),
             )
-        return self._staging
+            if for_reductions:
+                self._reduce_staging = staging
+            else:
+                self._staging = staging
+        return staging
 
     @property
     def prefix(self) -> str:
@@ -373,7 +386,7 @@ class Comm:
             if self.mpi_reduce is None:
                 self.mpi_reduce = False
                 if method == "shm":  # the one torch way that is idempotent and may be faster
-                    staging = self._shared_staging()
+                    staging = self._shared_staging(for_reductions=True)
                     self.mpi_reduce = self._faster_than_torch(
                         lambda: mpi.reduce_scatter_bucket_(bucket, bounds, total),
                         lambda: None if staging.reduce_scatter_(bucket, bounds, total.clone()) else None,
@@ -386,9 +399,8 @@ class Comm:
                 return PendingReduce(self, [], total=total, out=out, accumulate=accumulate, what=what)
         if method == "shm" and bucket.device.type == "cpu":
             scale = 1.0 / self.world_size
-            if self._shared_staging().reduce_scatter_(
-                bucket, bounds, out, accumulate=accumulate, scale=scale
-            ):
+            staging = self._shared_staging(for_reductions=True)
+            if staging.reduce_scatter_(bucket, bounds, out, accumulate=accumulate, scale=scale):
                 return PendingReduce(self, [], total=None, out=out, accumulate=accumulate, what=what)
             self.gather_method = method = "broadcast"  # /dev/shm too small: same on every rank
         works: list[dist.Work | None] = []

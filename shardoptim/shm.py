@@ -60,6 +60,7 @@ class SharedStaging:
     ) -> None:
         self._rank = rank
         self._world_size = world_size
+        self._next_set = 0
         self._all_gather_object = all_gather_object
         self._barrier = barrier
         self._buffer = torch.empty(0, dtype=torch.uint8)
@@ -159,18 +160,25 @@ class SharedStaging:
     ) -> bool:
         """Set `out` to `scale` times the sum over ranks of this rank's range of `bucket` (or add it).
 
-        Each rank copies its whole bucket into its own slot; after a barrier each rank adds up its
-        range across the slots in rank order (the same order on every rank, so the result does not
-        depend on timing), and a second barrier guards the slots before reuse. `out` may have a
-        wider dtype than `bucket` (fp32 sums of a bf16 bucket). Returns False (on every rank,
-        having done nothing) when the staging buffer cannot grow.
+        Each rank copies its whole bucket into its slot of one of two slot sets, used in turn;
+        after one barrier each rank adds up its range across the slots in rank order (the same
+        order on every rank, so the result does not depend on timing). No second barrier: a set
+        is written again only two calls later, after the next call's barrier, which every rank
+        reaches only once done reading. So a staging area used for reductions must serve nothing
+        else. `out` may be wider than `bucket` (fp32 sums of a bf16 bucket). Returns False (on
+        every rank, having done nothing) when the staging buffer cannot grow.
 
         Collective: call on every rank of the group, in the same order, with the same sizes.
         """
-        numel = bucket.numel()
-        if not self._ensure(self._world_size * numel * bucket.element_size()):
+        numel, itemsize = bucket.numel(), bucket.element_size()
+        set_nbytes = -(-self._world_size * numel * itemsize // 64) * 64
+        if not self._ensure(2 * set_nbytes):
             return False
-        slots = self._buffer[: self._world_size * numel * bucket.element_size()].view(bucket.dtype)
+        # NOTE: the sets are the two halves of the buffer, whatever this bucket's size: a set sized
+        # per call would let a larger bucket's set 0 overlap a smaller one's set 1 still being read.
+        offset = self._next_set * (self._buffer.numel() // 2 // 64 * 64)
+        self._next_set ^= 1
+        slots = self._buffer[offset : offset + self._world_size * numel * itemsize].view(bucket.dtype)
         slots = slots.view(self._world_size, numel)
         slots[self._rank].copy_(bucket)
         self._barrier()
@@ -184,5 +192,4 @@ class SharedStaging:
                 out.add_(slots[rank, start:end])
             if scale != 1.0:
                 out.mul_(scale)
-        self._barrier()
         return True
