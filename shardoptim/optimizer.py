@@ -108,6 +108,7 @@ class ShardedOptimizer(Optimizer):
         params_list = validate_params(groups)
         self._comm = Comm(process_group, backend_choice=self.config.comm_backend)
         self._hparams = HparamSyncer(self._comm, hparam_sync)
+        self._settle_comm_backend()  # before anything touches the parameters
         self._optimizer_class = optimizer_class
         self._params: list[torch.Tensor] = []
         self._buckets: list[Bucket] = []
@@ -150,6 +151,22 @@ class ShardedOptimizer(Optimizer):
                 if key not in STRUCTURE_KEYS:
                     wrapper_group.setdefault(key, value)
         self._log_layout()
+
+    def _settle_comm_backend(self) -> None:
+        """Refuse comm_backend="mpi" now, on every rank, when MPI cannot serve this group.
+
+        Collective (at construction, which is collective anyway).
+        """
+        if self.config.comm_backend != "mpi" or self._comm.world_size == 1:
+            return
+        if self._comm.backend != "gloo":
+            warnings.warn(
+                f"comm_backend='mpi' has no effect on the {self._comm.backend} backend: the mpi4py path serves "
+                "CPU (gloo) groups only",
+                stacklevel=3,
+            )
+            return
+        self._comm.gathers_synchronously(torch.device("cpu"))  # opens MPI or raises on every rank
 
     def _check_supported(self, optimizer_class: type[Optimizer]) -> None:
         config = self.config

@@ -366,3 +366,12 @@ def _check_master_checkpoint(rank: int, world_size: int, tmp: str) -> None:
 
 def test_master_weights_survive_checkpoints(ranks2: Any, tmp_path: Any) -> None:
     ranks2.run(_check_master_checkpoint, tmp=str(tmp_path))
+
+
+def _check_mpi_backend_needs_mpirun(rank: int, world_size: int) -> None:
+    with pytest.raises(ValueError, match="comm_backend='mpi' but MPI cannot serve this group"):
+        ShardedOptimizer(torch.nn.Linear(3, 2).parameters(), torch.optim.SGD, comm_backend="mpi", lr=0.1)
+
+
+def test_mpi_backend_without_mpirun_is_refused_on_every_rank(ranks2: Any) -> None:
+    ranks2.run(_check_mpi_backend_needs_mpirun)
