@@ -499,6 +499,26 @@ class Comm:
         for work in works:
             self.wait_work(work, what)
 
+    def raise_if_any_failed(self, failure: Exception | None, *, what: str) -> None:
+        """Raise on every rank when the local step `what` failed on any rank (else return).
+
+        The failing rank re-raises its own exception unchanged; the others raise a ValueError that
+        names that rank and its message, so no rank is left waiting in a later collective.
+
+        Collective: call on every rank of the group, in the same order.
+        """
+        if self.world_size == 1:
+            if failure is not None:
+                raise failure
+            return
+        mine = None if failure is None else f"{type(failure).__name__}: {failure}"
+        messages = self.all_gather_object(mine, what=what)
+        if failure is not None:
+            raise failure
+        for rank, message in enumerate(messages):
+            if message is not None:
+                raise ValueError(f"{self.prefix}{what} on rank {rank}: {message}")
+
     def all_gather_object(self, obj: object, *, what: str) -> list[object]:
         """Return every rank's small picklable `obj` (metadata only, never tensors of state).
 

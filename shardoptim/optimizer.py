@@ -27,7 +27,7 @@ from shardoptim.kinds import Kind, resolve_impl_flags, resolve_kind, tensor_cost
 from shardoptim.layout import Layout
 from shardoptim.master import MASTER_KEY, MasterShards
 from shardoptim.owned_grads import OwnedGrads
-from shardoptim.params import as_param_groups, probe_complex_support, validate_params
+from shardoptim.params import as_param_groups, probe_complex_support, validate_new_params, validate_params
 from shardoptim.pieces import Bucket, Piece, place_params
 
 __all__ = ["DEFAULT_BUCKET_NUMEL", "ShardedOptimizer"]
@@ -142,7 +142,7 @@ class ShardedOptimizer(Optimizer):
                 self.optim = optimizer_class(local_groups, **resolved)
         except Exception as err:
             failure = err
-        self._raise_if_any_rank_failed(failure, what=f"{optimizer_class.__name__} rejected the parameters")
+        self._comm.raise_if_any_failed(failure, what=f"{optimizer_class.__name__} rejected the parameters")
         self._bind_(first_bucket=0)
         for key, value in self.optim.defaults.items():
             self.defaults.setdefault(key, value)
@@ -247,26 +247,6 @@ class ShardedOptimizer(Optimizer):
             local_groups.append(local_group)
         return local_groups
 
-    def _raise_if_any_rank_failed(self, failure: Exception | None, *, what: str) -> None:
-        """Raise on every rank when the local step `what` failed on any rank (else return).
-
-        The failing rank re-raises its own exception unchanged; the others raise a ValueError that
-        names that rank and its message, so no rank is left waiting in a later collective.
-
-        Collective: call on every rank of the group, in the same order.
-        """
-        if self._comm.world_size == 1:
-            if failure is not None:
-                raise failure
-            return
-        mine = None if failure is None else f"{type(failure).__name__}: {failure}"
-        messages = self._comm.all_gather_object(mine, what=what)
-        if failure is not None:
-            raise failure
-        for rank, message in enumerate(messages):
-            if message is not None:
-                raise ValueError(f"{self._comm.prefix}{what} on rank {rank}: {message}")
-
     def _log_layout(self) -> None:
         if self._comm.rank != 0 or not logger.isEnabledFor(logging.INFO):
             return
@@ -318,20 +298,7 @@ class ShardedOptimizer(Optimizer):
                 "torch.optim.LBFGS supports one param group; pass every parameter when building the optimizer"
             )
         groups = as_param_groups([param_group])
-        new_params = validate_params(groups)
-        types = sorted({p.device.type for p in new_params} | {self._params[0].device.type})
-        if len(types) > 1:
-            raise ValueError(
-                f"add_param_group: the new parameters' device types {types} differ from this optimizer's "
-                f"({self._params[0].device.type}); move them to the same device first"
-            )
-        known = {id(p) for p in self._params}
-        clash = [i for i, p in enumerate(new_params) if id(p) in known]
-        if clash:
-            raise ValueError(
-                f"add_param_group: params {clash} of the new group are already in this optimizer; "
-                "each parameter may belong to one group only"
-            )
+        new_params = validate_new_params(groups, existing=self._params)
         numel = torch.tensor([len(new_params), sum(p.numel() for p in new_params)], dtype=torch.float64)
         gathered = self._comm.all_gather(numel.to(self._comm.device), what="add_param_group check").cpu()
         if not bool((gathered == gathered[0]).all()):

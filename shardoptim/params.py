@@ -91,3 +91,22 @@ def probe_complex_support(
         grad = torch.zeros_like(probe)
         probe.grad = grad.to_sparse() if optimizer_class is torch.optim.SparseAdam else grad
         optimizer_class([probe], **defaults).step()
+
+
+def validate_new_params(groups: list[dict[str, Any]], *, existing: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Return the parameters of a group being added; reject other device types and repeats."""
+    new_params = validate_params(groups)
+    types = sorted({p.device.type for p in new_params} | {existing[0].device.type})
+    if len(types) > 1:
+        raise ValueError(
+            f"add_param_group: the new parameters' device types {types} differ from this optimizer's "
+            f"({existing[0].device.type}); move them to the same device first"
+        )
+    known = {id(p) for p in existing}
+    clash = [i for i, p in enumerate(new_params) if id(p) in known]
+    if clash:
+        raise ValueError(
+            f"add_param_group: params {clash} of the new group are already in this optimizer; "
+            "each parameter may belong to one group only"
+        )
+    return new_params
