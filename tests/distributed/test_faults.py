@@ -168,6 +168,33 @@ def test_rank_killed_during_step(tmp_path: Path, where: str, operation: str) -> 
         assert record["seconds"] < PG_TIMEOUT_S + MARGIN_S, record
 
 
+def _check_die_in_stage2_backward(rank: int, world_size: int, *, out: str) -> None:
+    model = _Net()
+    opt = ShardedOptimizer(_groups(model), torch.optim.AdamW, process_group=_short_group(), stage=2, **OPTIONS)
+
+    def loss() -> torch.Tensor:
+        return (model.emb[:7] @ model.w + model.b).pow(2).sum()
+
+    loss().backward()
+    opt.step()
+    opt.zero_grad()
+    if rank == DYING_RANK:
+        model.b.register_post_accumulate_grad_hook(lambda _: _kill_self())
+    _timed(out, rank, lambda: loss().backward())
+
+
+def test_rank_killed_during_stage2_backward(tmp_path: Path) -> None:
+    """A rank dying while gradients are reduce-scattered: every survivor's backward raises, none hangs."""
+    with RankPool(WORLD_SIZE, timeout_s=POOL_TIMEOUT_S) as pool, pytest.raises(RuntimeError, match=_KILLED):
+        pool.run(_check_die_in_stage2_backward, out=str(tmp_path))
+    records = _records(tmp_path, [0, 1])
+    _report(f"SIGKILL rank {DYING_RANK} in stage-2 backward", records)
+    for rank, record in records.items():
+        assert record["error"] == "RuntimeError", record
+        assert record["message"].startswith(f"[rank {rank}/{WORLD_SIZE}] gradient reduce-scatter"), record
+        assert record["seconds"] < PG_TIMEOUT_S + MARGIN_S, record
+
+
 # (b) a rank dies during checkpoint.save -------------------------------------------------------------------
 
 
