@@ -375,3 +375,36 @@ def _check_mpi_backend_needs_mpirun(rank: int, world_size: int) -> None:
 
 def test_mpi_backend_without_mpirun_is_refused_on_every_rank(ranks2: Any) -> None:
     ranks2.run(_check_mpi_backend_needs_mpirun)
+
+
+def _check_flags_with_hparam_mode(rank: int, world_size: int, *, mode: str) -> None:
+    torch.manual_seed(0)
+    model = _Net(rank)
+    ref = copy.deepcopy(model)
+    ddp = DDP(ref, find_unused_parameters=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = ShardedOptimizer(
+        model.parameters(),
+        torch.optim.AdamW,
+        stage=2,
+        hparam_sync=mode,
+        skip_nonfinite=True,
+        lr=1e-2,
+        weight_decay=0.1,
+    )
+    for step in range(3):
+        _loss(model, step, 0, rank).backward()
+        _loss(ddp, step, 0, rank).backward()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    assert not opt.last_step_skipped
+    assert torch.equal(model.unused, ref.unused)  # the "no gradient anywhere" flag also travels alone ("off")
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode", ["check", "off"])
+def test_step_flags_travel_with_every_hparam_mode(ranks2: Any, mode: str) -> None:
+    ranks2.run(_check_flags_with_hparam_mode, mode=mode)
