@@ -108,7 +108,7 @@ LR = 1e-3
 WEIGHT_DECAY = 0.1
 MIB = 1 << 20
 MEMORY_TOL = 0.05
-"""Stage 2 gradients + state may exceed ideal by this fraction (plus the in-flight bucket)."""
+"""Stage 2 gradients + state may exceed ideal by this fraction (plus the buckets in flight)."""
 MASTER_BYTES_PER_ELEMENT = 4
 DEFAULT_PNG = "/tmp/shardoptim_memory.png"
 MEMORY_KEYS = ("params", "grads", "state", "master")

@@ -154,7 +154,7 @@ class Comm:
         self._staging: SharedStaging | None = None
         self._reduce_staging: SharedStaging | None = None
         self._mpi: MpiCollectives | None = None
-        self._scratches: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._scratches: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
     def _resolve_gather_method(self) -> GatherMethod:
         if self.gather_method is None:
@@ -225,13 +225,12 @@ class Comm:
         """
         staging = self._reduce_staging if for_reductions else self._staging
         if staging is None:
+            what = "gradient reduce-scatter" if for_reductions else "parameter gather"
             staging = SharedStaging(
                 self.rank,
                 self.world_size,
                 functools.partial(self.all_gather_object, what="shared-memory setup"),
-                functools.partial(self.barrier, what="gradient reduce-scatter (shared memory)")
-                if for_reductions
-                else functools.partial(self.barrier, what="parameter gather (shared memory)"),
+                functools.partial(self.barrier, what=f"{what} (shared memory)"),
             )
             if for_reductions:
                 self._reduce_staging = staging
@@ -387,9 +386,13 @@ class Comm:
                 self.mpi_reduce = False
                 if method == "shm":  # the one torch way that is idempotent and may be faster
                     staging = self._shared_staging(for_reductions=True)
+
+                    def torch_way() -> None:
+                        staging.reduce_scatter_(bucket, bounds, torch.empty_like(total))
+
                     self.mpi_reduce = self._faster_than_torch(
                         lambda: mpi.reduce_scatter_bucket_(bucket, bounds, total),
-                        lambda: None if staging.reduce_scatter_(bucket, bounds, total.clone()) else None,
+                        torch_way,
                         what="gradient reduce-scatter",
                     )
                 else:
@@ -427,10 +430,9 @@ class Comm:
         NOTE: for the synchronous (MPI) path only: its reduction is complete when the call
         returns, and the caller finishes it (wait) before launching another.
         """
-        key = (numel, dtype, torch.device("cpu"))
-        scratch = self._scratches.get(key)
+        scratch = self._scratches.get((numel, dtype))
         if scratch is None:
-            scratch = self._scratches[key] = torch.empty(numel, dtype=dtype)
+            scratch = self._scratches[(numel, dtype)] = torch.empty(numel, dtype=dtype)
         return scratch
 
     def broadcast_(self, tensor: torch.Tensor, *, src: int = 0, what: str) -> None:

@@ -78,12 +78,20 @@ def clip_coef(total: torch.Tensor, max_norm: float) -> torch.Tensor:
     return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
-def scale_(grads: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
-    """Multiply every gradient in place by the 0-dim `factor` (grouped by device and dtype)."""
+def _by_device_and_dtype(
+    grads: Sequence[torch.Tensor],
+) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    """Group the non-empty gradients for the foreach kernels, which take one device and dtype."""
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
-    for (device, _dtype), members in groups.items():
+        if g.numel():
+            groups.setdefault((g.device, g.dtype), []).append(g)
+    return groups
+
+
+def scale_(grads: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
+    """Multiply every gradient in place by the 0-dim `factor`."""
+    for (device, _dtype), members in _by_device_and_dtype(grads).items():
         torch._foreach_mul_(members, factor.to(device))
 
 
@@ -105,11 +113,7 @@ def unscale_and_check_(
 
     Collective: call on every rank of the group, in the same order.
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for g in grads:
-        if g.numel():
-            groups.setdefault((g.device, g.dtype), []).append(g)
-    for (device, _dtype), members in groups.items():
+    for (device, _dtype), members in _by_device_and_dtype(grads).items():
         local = torch.zeros_like(found_inf, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(members, local, inv_scale.to(device))
         found_inf.copy_(torch.maximum(found_inf, local.to(found_inf.device)))

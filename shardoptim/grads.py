@@ -7,8 +7,8 @@ backward goes on; buckets are launched strictly in one fixed order (last bucket 
 backward usually produces them), so every rank enters the same collectives in the same order even
 when their graphs differ. At the end of each backward pass the buckets still waiting (parameters
 unused on this rank, or behind one in the order) are launched, every reduction is waited for and
-added into the gradient shard, and the full buckets are dropped: steady-state gradient memory is
-total/N plus the buckets in flight.
+added into the gradient shard, and the full buckets are released (the largest POOL_SIZE kept for
+reuse): steady-state gradient memory is total/N plus the buckets in flight.
 
 Inside `no_sync()` the hooks only note that a gradient arrived: gradients accumulate in full in
 `.grad` as usual, and are reduced by the next backward outside `no_sync()` or by `flush_()`.
@@ -89,7 +89,6 @@ class GradReducer:
         self._slots: dict[int, GradSlot] = {}
         self._id_to_index: dict[int, int] = {}
         self._hooked: set[int] = set()
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.has_grad: list[bool] = []
         """Per parameter: a gradient arrived on this rank since the last zero_grad."""
         self._in_flight: deque[int] = deque()
@@ -107,7 +106,11 @@ class GradReducer:
         shard_dtype: torch.dtype,
         slots: dict[int, GradSlot],
     ) -> None:
-        """Register one parameter bucket (same size, dtype and bounds as `buffer`) and its params."""
+        """Register the next parameter bucket (same size, dtype and bounds as `buffer`) and its params.
+
+        `slots` maps each parameter index to its place; their `bucket` must be this bucket's
+        position (buckets are registered in the optimizer's order).
+        """
         grad_bucket = _GradBucket(
             buffer.numel(), buffer.dtype, buffer.device, tuple(bounds), shard_dtype, sorted(slots)
         )
@@ -119,9 +122,9 @@ class GradReducer:
         if buffer.numel() > end:
             grad_bucket.gaps.append((end, buffer.numel() - end))
         self._buckets.append(grad_bucket)
-        bucket = len(self._buckets) - 1
         for index, slot in slots.items():
-            self._slots[index] = GradSlot(bucket, slot.start_global, slot.numel)
+            assert slot.bucket == len(self._buckets) - 1, (slot, len(self._buckets))
+            self._slots[index] = slot
             self._id_to_index[id(self._params[index])] = index
         self.has_grad.extend([False] * (len(self._params) - len(self.has_grad)))
         self.hook_trainable_()
@@ -131,15 +134,8 @@ class GradReducer:
         for index in self._slots:
             param = self._params[index]
             if param.requires_grad and index not in self._hooked:
-                self._handles.append(param.register_post_accumulate_grad_hook(self._on_grad))  # type: ignore[no-untyped-call]
+                param.register_post_accumulate_grad_hook(self._on_grad)  # type: ignore[no-untyped-call]
                 self._hooked.add(index)
-
-    def remove_hooks(self) -> None:
-        """Remove every hook (the optimizer is being discarded)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._hooked.clear()
 
     def shard(self, bucket: int) -> torch.Tensor | None:
         """Return the averaged gradient of this rank's range of `bucket` (None if none arrived)."""

@@ -78,15 +78,22 @@ class MasterShards:
             {p.index for p in self._pieces if params[p.index]._version != self._versions.get(p.index)}
         )
         if changed:
-            wanted = set(changed)
-            for piece in self._pieces:
-                if piece.index in wanted:
-                    shard, owned = self._bucket_to_shard[piece.bucket]
-                    shard.narrow(0, piece.start_local, piece.numel).copy_(
-                        owned.narrow(0, piece.start_local, piece.numel)
-                    )
+            self.reread_(set(changed))
             self.remember_versions(params)
         return changed
+
+    def reread_(self, indices: set[int]) -> None:
+        """Copy the model's current values of parameters `indices` into their master pieces."""
+        for piece in self._pieces:
+            if piece.index in indices:
+                shard, owned = self._bucket_to_shard[piece.bucket]
+                shard.narrow(0, piece.start_local, piece.numel).copy_(
+                    owned.narrow(0, piece.start_local, piece.numel)
+                )
+
+    def nbytes(self) -> int:
+        """Return the bytes of every master shard on this rank."""
+        return sum(shard.numel() * shard.element_size() for shard, _ in self._bucket_to_shard.values())
 
     def write_back_(self, buckets: Iterable[int]) -> None:
         """Cast the master copies of `buckets` into the model's buckets (before their gather)."""

@@ -387,7 +387,7 @@ class ShardedOptimizer(Optimizer):
         """Return this rank's bytes of "params" (full buckets), "grads", "state" and "master".
 
         "grads" counts at stage 2 the gradient shards and the full gradient buckets kept for reuse
-        (at most grads.POOL_SIZE per bucket size), at stage 1 the parameters' `.grad`.
+        (the grads.POOL_SIZE largest per dtype), at stage 1 the parameters' `.grad`.
         """
         if self._reducer is not None:
             grads = self._reducer.allocated_nbytes()  # shards and pooled full buckets
@@ -398,9 +398,7 @@ class ShardedOptimizer(Optimizer):
             "params": sum(_nbytes(b.buffer) for b in self._buckets),
             "grads": grads,
             "state": self.local_state_nbytes(),
-            "master": sum(
-                _nbytes(self._masters.shard(b)) for b in range(len(self._buckets)) if self._masters.has(b)
-            ),
+            "master": self._masters.nbytes(),
         }
 
     @property

@@ -41,6 +41,11 @@ def same_host(all_gather_object: Callable[[object], list[object]]) -> bool:
     return all(other == mine for other in everyone) and mine[2]
 
 
+def _aligned(nbytes: int) -> int:
+    """Round `nbytes` up to a multiple of 64 (a cache line), where each staged block starts."""
+    return -(-nbytes // 64) * 64
+
+
 class SharedStaging:
     """One shared byte buffer per host, grown collectively to the largest bucket gathered.
 
@@ -109,16 +114,7 @@ class SharedStaging:
 
         Collective: call on every rank of the group, in the same order, with the same sizes.
         """
-        if not self._ensure(bucket.numel() * bucket.element_size()):
-            return False
-        stage = self._buffer[: bucket.numel() * bucket.element_size()].view(bucket.dtype)
-        start, end = bounds[self._rank], bounds[self._rank + 1]
-        stage[start:end].copy_(bucket[start:end])
-        self._barrier()
-        bucket[:start].copy_(stage[:start])
-        bucket[end:].copy_(stage[end:])
-        self._barrier()
-        return True
+        return self.gather_many_([(bucket, bounds)])
 
     def gather_many_(self, buckets: Sequence[tuple[torch.Tensor, Sequence[int]]]) -> bool:
         """Gather several CPU buckets in one round: all copies in, one barrier, all copies out.
@@ -131,7 +127,7 @@ class SharedStaging:
         offsets, total = [], 0
         for bucket, _ in buckets:
             offsets.append(total)
-            total += -(-bucket.numel() * bucket.element_size() // 64) * 64  # 64-byte aligned
+            total += _aligned(bucket.numel() * bucket.element_size())
         if not self._ensure(total):
             return False
         stages = []
@@ -171,7 +167,7 @@ class SharedStaging:
         Collective: call on every rank of the group, in the same order, with the same sizes.
         """
         numel, itemsize = bucket.numel(), bucket.element_size()
-        set_nbytes = -(-self._world_size * numel * itemsize // 64) * 64
+        set_nbytes = _aligned(self._world_size * numel * itemsize)
         if not self._ensure(2 * set_nbytes):
             return False
         # NOTE: the sets are the two halves of the buffer, whatever this bucket's size: a set sized

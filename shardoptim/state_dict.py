@@ -277,21 +277,21 @@ def _restore_masters(opt: ShardedOptimizer) -> None:
     model's rounded ones); one without takes the parameter's current value. Pieces without
     master copies drop a saved one (the parameters belong to the model's own state_dict).
     """
+    unsaved = set()
     for piece in opt._pieces:
         state = opt.optim.state.get(piece.local)
         saved = state.pop(MASTER_KEY, None) if state else None
         if not opt._masters.has(piece.bucket):
             continue
-        with torch.no_grad():
-            if isinstance(saved, torch.Tensor):
+        if isinstance(saved, torch.Tensor):
+            with torch.no_grad():
                 piece.local.copy_(saved.reshape(piece.local.shape))
-            else:
-                param = opt._params[piece.index].detach().reshape(-1)
-                piece.local.copy_(
-                    param.narrow(0, piece.in_param.start, piece.in_param.numel).view(piece.local.shape)
-                )
+        else:
+            unsaved.add(piece.index)
         if state:
             state[MASTER_KEY] = piece.local
+    with torch.no_grad():
+        opt._masters.reread_(unsaved)
     opt._masters.remember_versions(opt._params)
 
 
