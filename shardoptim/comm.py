@@ -323,7 +323,8 @@ class Comm:
         """
         if self.world_size == 1 or device.type != "cpu":
             return False
-        return self._resolve_gather_method() == "shm" or self._mpi is not None
+        method = self._resolve_gather_method()
+        return method == "shm" or (self._mpi is not None and self.mpi_gather is not False)
 
     def gather_buckets_(self, buckets: Sequence[tuple[torch.Tensor, Sequence[int]]], *, what: str) -> None:
         """Gather several buckets now; on shared memory in rounds of up to 256 MiB, two barriers each.
