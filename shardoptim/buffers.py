@@ -46,6 +46,14 @@ class FlatBuffers:
         """Return the full-shape view of parameter `index` inside its bucket."""
         return self._index_to_view[index]
 
+    def indices(self) -> list[int]:
+        """Return the optimizer indices of the parameters these buffers hold."""
+        return list(self._index_to_view)
+
+    def items(self) -> list[tuple[int, torch.Tensor]]:
+        """Return (optimizer index, full-shape view in its bucket) for every parameter held."""
+        return list(self._index_to_view.items())
+
     def local_view(self, piece: LocalSlice, *, shape: torch.Size | None = None) -> torch.Tensor:
         """Return the owned piece of a parameter as a view of its bucket (1-D, or `shape` if given)."""
         view = self.buffers[piece.bucket].narrow(0, piece.start_global, piece.in_param.numel)
@@ -59,18 +67,3 @@ class FlatBuffers:
         """
         for index, view in self._index_to_view.items():
             params[index].data = view
-
-    def unbound(self, params: Sequence[torch.Tensor]) -> list[int]:
-        """Return the indices of parameters whose storage no longer is their bucket view."""
-        bad = []
-        for index, view in self._index_to_view.items():
-            param = params[index]
-            if view.numel() == 0:
-                continue
-            if (
-                param.data_ptr() != view.data_ptr()
-                or param.shape != view.shape
-                or param.device != view.device
-            ):
-                bad.append(index)
-        return bad

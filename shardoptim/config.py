@@ -33,6 +33,8 @@ _MASTER_DTYPES = (torch.float32, torch.float64)
 class ShardConfig:
     """Options of a ShardedOptimizer (everything but the parameters, class and base options)."""
 
+    parameters_as_bucket_view: bool = False
+    """True: parameters are views into the flat buckets; False: each keeps its own storage."""
     sharding: str = "auto"
     """Partitioning: "flat" element ranges, "tensor" whole tensors, "auto" per optimizer class."""
     hparam_sync: str = "broadcast"
@@ -83,6 +85,10 @@ class ShardConfig:
             raise TypeError(
                 f"master_dtype must be torch.float32, torch.float64 or None, got {self.master_dtype!r}; "
                 "master weights exist to update low-precision parameters in higher precision"
+            )
+        if not isinstance(self.parameters_as_bucket_view, bool):
+            raise TypeError(
+                f"parameters_as_bucket_view must be True or False, got {self.parameters_as_bucket_view!r}"
             )
         if not isinstance(self.skip_nonfinite, bool):
             raise TypeError(f"skip_nonfinite must be True or False, got {self.skip_nonfinite!r}")

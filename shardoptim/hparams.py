@@ -262,6 +262,54 @@ def copy_hparams_(src: Sequence[Mapping[str, Any]], dst: Sequence[dict[str, Any]
                 d[key] = value
 
 
+def snapshot_hparams(groups: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Return a copy of every option of `groups` (tensors cloned), to compare with after a step."""
+    return [
+        {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in g.items() if k not in STRUCTURE_KEYS}
+        for g in groups
+    ]
+
+
+def _differs(before: Any, after: Any) -> bool:
+    if before is after:
+        return False
+    if isinstance(before, torch.Tensor) or isinstance(after, torch.Tensor):
+        return not (
+            isinstance(before, torch.Tensor)
+            and isinstance(after, torch.Tensor)
+            and before.shape == after.shape
+            and bool(torch.equal(before, after.to(before.device)))
+        )
+    try:
+        return not bool(before == after)
+    except Exception:  # values without a usable ==: treat as written
+        return True
+
+
+def flow_back_hparams_(
+    local: Sequence[Mapping[str, Any]], wrapper: Sequence[dict[str, Any]], before: Sequence[Mapping[str, Any]]
+) -> list[tuple[int, str]]:
+    """Copy the options the base optimizer wrote during its step from `local` into `wrapper`.
+
+    An option counts as written when it is new or its value differs from `before` (the snapshot
+    taken just before the step). D-Adaptation's and Prodigy's `d`, counters such as `k`, and any
+    lr a class adapts itself then reach the wrapper's `param_groups` (schedulers and checkpoints
+    see them) instead of being overwritten by the wrapper's copy at the next step.
+
+    Returns:
+        The (group index, key) pairs copied.
+    """
+    copied = []
+    for index, (loc, wrap, old) in enumerate(zip(local, wrapper, before)):
+        for key, value in loc.items():
+            if key in STRUCTURE_KEYS:
+                continue
+            if key not in old or _differs(old[key], value):
+                wrap[key] = value
+                copied.append((index, key))
+    return copied
+
+
 def all_reduce_metric(
     value: float | torch.Tensor,
     op: Literal["mean", "sum", "max", "min"] = "mean",

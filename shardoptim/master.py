@@ -5,16 +5,15 @@ rank owns; after the update the copy is cast back into the bucket, which is then
 model's dtype. Only 1/N of the parameters get a master copy on each rank.
 
 A master copy follows the model when the model's weights are written from outside after the
-optimizer was built (`model.load_state_dict`, `nn.init`, `p.copy_` under no_grad): those writes
-bump the parameter's version counter, and `refresh_` re-reads the written parameters before the
-next update. The optimizer's own writes go through the bucket and leave the counters alone.
+optimizer was built (`model.load_state_dict`, `nn.init`, `p.copy_` under no_grad): the optimizer
+(shardoptim.storage) finds those parameters at the next step and `reread_` copies them in.
 
 Must not import torch.distributed or shardoptim.optimizer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +49,6 @@ class MasterShards:
         self.dtype = dtype
         self._bucket_to_shard: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._pieces: list[MasterPiece] = []
-        self._versions: dict[int, int] = {}
 
     def add_bucket(self, bucket: int, owned: torch.Tensor) -> torch.Tensor:
         """Create the master copy of `owned` (this rank's range of bucket `bucket`) and return it."""
@@ -66,21 +64,6 @@ class MasterShards:
 
     def add_piece(self, piece: MasterPiece) -> None:
         self._pieces.append(piece)
-
-    def remember_versions(self, params: Sequence[torch.Tensor]) -> None:
-        """Record the version counters of the parameters that have master pieces."""
-        for piece in self._pieces:
-            self._versions[piece.index] = params[piece.index]._version
-
-    def refresh_(self, params: Sequence[torch.Tensor]) -> list[int]:
-        """Re-read into the masters every parameter written from outside; return their indices."""
-        changed = sorted(
-            {p.index for p in self._pieces if params[p.index]._version != self._versions.get(p.index)}
-        )
-        if changed:
-            self.reread_(set(changed))
-            self.remember_versions(params)
-        return changed
 
     def reread_(self, indices: set[int]) -> None:
         """Copy the model's current values of parameters `indices` into their master pieces."""

@@ -9,10 +9,12 @@ every rank while the next one is updated.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.distributed as dist
@@ -22,13 +24,21 @@ from shardoptim.buffers import FlatBuffers
 from shardoptim.comm import Comm, PendingGather
 from shardoptim.config import DEFAULT_BUCKET_NUMEL, CommBackend, ShardConfig, Stage
 from shardoptim.grads import GradReducer, GradSlot
-from shardoptim.hparams import STRUCTURE_KEYS, HparamSync, HparamSyncer, copy_hparams_
+from shardoptim.hparams import (
+    STRUCTURE_KEYS,
+    HparamSync,
+    HparamSyncer,
+    copy_hparams_,
+    flow_back_hparams_,
+    snapshot_hparams,
+)
 from shardoptim.kinds import Kind, resolve_impl_flags, resolve_kind, tensor_cost
 from shardoptim.layout import Layout
 from shardoptim.master import MASTER_KEY, MasterShards
 from shardoptim.owned_grads import OwnedGrads
 from shardoptim.params import as_param_groups, probe_complex_support, validate_new_params, validate_params
 from shardoptim.pieces import Bucket, Piece, place_params
+from shardoptim.storage import ParamStorage
 
 __all__ = ["DEFAULT_BUCKET_NUMEL", "ShardedOptimizer"]
 
@@ -47,6 +57,13 @@ class ShardedOptimizer(Optimizer):
         optimizer_class: the base optimizer class, e.g. torch.optim.AdamW.
         process_group: the ranks to shard over; None is the default group (or a single process
             when torch.distributed is not initialised).
+        parameters_as_bucket_view: False (default): every parameter keeps its own storage, as with
+            plain torch.optim, and the gathered values are copied into it (one extra copy of the
+            parameters in memory). True: parameters become views into the flat buckets (no copy,
+            faster), but then they share storage, and serializers that de-duplicate tensors by
+            storage (safetensors, save_pretrained, Accelerate's save_state) write only one of them.
+        overlap_with_ddp: accepted for ZeroRedundancyOptimizer's signature; True is refused (use
+            stage=2, which overlaps the gradient reduction with backward without DDP).
         sharding: "flat" cuts buckets into equal element ranges (for elementwise optimizers),
             "tensor" gives each parameter whole to one rank, "auto" picks per class (see
             shardoptim.kinds).
@@ -70,8 +87,10 @@ class ShardedOptimizer(Optimizer):
         self,
         params: Iterable[Any],
         optimizer_class: type[Optimizer],
-        *,
         process_group: dist.ProcessGroup | None = None,
+        parameters_as_bucket_view: bool = False,
+        overlap_with_ddp: bool = False,
+        *,
         sharding: str = "auto",
         hparam_sync: HparamSync = "broadcast",
         bucket_numel: int | None = None,
@@ -82,7 +101,14 @@ class ShardedOptimizer(Optimizer):
         comm_backend: CommBackend = "auto",
         **defaults: Any,
     ) -> None:
+        if overlap_with_ddp is not False:
+            raise ValueError(
+                f"overlap_with_ddp={overlap_with_ddp!r} is not supported: ShardedOptimizer does not hook into DDP's "
+                "communication. Use stage=2 without DDP instead: it reduce-scatters the gradients during backward "
+                "(overlapped) and shards them too: ShardedOptimizer(params, cls, stage=2, ...)"
+            )
         self.config = ShardConfig.from_options(
+            parameters_as_bucket_view=parameters_as_bucket_view,
             sharding=sharding,
             hparam_sync=hparam_sync,
             bucket_numel=bucket_numel,
@@ -121,14 +147,21 @@ class ShardedOptimizer(Optimizer):
         self._grads = OwnedGrads(
             self._comm, self._params, self._pieces, self._reducer, whole_tensors=self._kind == "tensor"
         )
+        self._storage = ParamStorage(as_bucket_view=self.config.parameters_as_bucket_view)
         self._consolidated: dict[str, Any] | None = None
         self._consolidated_to: int | None = None
+        #: Whether optimizer state may exist on some rank (a step was taken or state was loaded):
+        #: the same on every rank, so state_dict() can decide without communicating.
+        self._has_state = False
         self._building = True
         resolved = resolve_impl_flags(optimizer_class, defaults, groups)
+        #: Implementation flags the wrapper chose itself (not saved in consolidated param_groups).
+        self.injected_flags = frozenset(k for k in resolved if k not in defaults)
         if self._kind != "lbfgs":
             probe_complex_support(optimizer_class, resolved, params_list)
         super().__init__(groups, resolved)
         self._building = False
+        self._warned_full_grads = False
 
         local_groups = self._place_params_(params_list, list(range(len(self.param_groups))))
         self.optim: Optimizer
@@ -182,8 +215,7 @@ class ShardedOptimizer(Optimizer):
 
     def _bind_(self, first_bucket: int) -> None:
         """Point the latest placed parameters at their buckets; hook them up for stage 2."""
-        self._buffers[-1].bind_params_(self._params)
-        self._masters.remember_versions(self._params)
+        self._storage.attach_(self._buffers[-1], self._params)
         if self._reducer is None:
             return
         for b in range(first_bucket, len(self._buckets)):
@@ -332,33 +364,48 @@ class ShardedOptimizer(Optimizer):
         self._consolidated_to = to
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the consolidated state in the base optimizer's own format (rank `to` only).
+        """Return the optimizer state in the base optimizer's own format, without communicating.
+
+        - After `consolidate_state_dict(to=r)` (since the last step): the full state on rank r,
+          and `{}` on every other rank (which `load_state_dict` accepts as a no-op).
+        - Before any state exists (no step taken, nothing loaded): `{"state": {}, "param_groups":
+          [...]}` on every rank, as a fresh torch.optim optimizer returns.
+
+        Safe to call on one rank only (e.g. rank 0 saving a checkpoint): it never communicates.
 
         Raises:
-            RuntimeError: consolidate_state_dict(to=...) was not called since the last step, or
-                this is not rank `to`.
+            RuntimeError: state exists but was not consolidated since the last step.
         """
-        if self._consolidated is None:
-            where = (
-                "on this rank"
-                if self._consolidated_to is None
-                else f"on rank {self._consolidated_to}, not on rank {self._comm.rank}"
-            )
-            raise RuntimeError(
-                f"{self._comm.prefix}no consolidated state {where}: call opt.consolidate_state_dict(to=r) on "
-                "every rank after the last step, then opt.state_dict() on rank r"
-            )
-        return self._consolidated
+        if self._consolidated is not None:
+            return self._consolidated
+        if self._consolidated_to is not None:
+            return {}
+        if not self._has_state:
+            from shardoptim.state_dict import groups_with_indices
+
+            return {"state": {}, "param_groups": groups_with_indices(self)}
+        raise RuntimeError(
+            f"{self._comm.prefix}the optimizer state is sharded and was not consolidated since the last step: "
+            "call opt.consolidate_state_dict(to=0) on every rank first, then opt.state_dict() on rank 0 (other "
+            "ranks get {}). With Hugging Face Trainer, Accelerate or Lightning use the one-line integration in "
+            "shardoptim.integrations, which does this before each save"
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a consolidated state_dict (or a plain torch.optim one) saved at any world size.
 
         Call on every rank with the full dict; each rank keeps the part it owns. The caller's
-        dict is not modified.
+        dict is not modified. `{}` (what `state_dict()` returns on a rank that is not the
+        consolidation target) is a no-op.
         """
         from shardoptim.state_dict import load
 
+        if isinstance(state_dict, dict) and not state_dict:
+            return
         load(self, state_dict)
+        self._consolidated = None
+        self._consolidated_to = None
+        self._has_state = bool(state_dict.get("state"))
 
     def verify_replicas(self) -> None:
         """Raise on every rank, naming the first parameter that differs, if replicas diverged.
@@ -384,7 +431,10 @@ class ShardedOptimizer(Optimizer):
         )
 
     def memory_nbytes(self) -> dict[str, int]:
-        """Return this rank's bytes of "params" (full buckets), "grads", "state" and "master".
+        """Return this rank's bytes of "params", "grads", "state" and "master".
+
+        "params" counts the full buckets, plus the parameters' own storage when they are not
+        bucket views (parameters_as_bucket_view=False).
 
         "grads" counts at stage 2 the gradient shards and the full gradient buckets kept for reuse
         (the grads.POOL_SIZE largest per dtype), at stage 1 the parameters' `.grad`.
@@ -395,7 +445,7 @@ class ShardedOptimizer(Optimizer):
         else:
             grads = sum(_nbytes(p.grad) for p in self._params)
         return {
-            "params": sum(_nbytes(b.buffer) for b in self._buckets),
+            "params": sum(_nbytes(b.buffer) for b in self._buckets) + self._storage.extra_nbytes(self._params),
             "grads": grads,
             "state": self.local_state_nbytes(),
             "master": self._masters.nbytes(),
@@ -453,35 +503,40 @@ class ShardedOptimizer(Optimizer):
         return self._grads.unscale_(inv_scale, found_inf, allow_fp16=allow_fp16)
 
     @overload
-    def step(self, closure: None = None) -> None: ...
+    def step(self, closure: None = None, **kwargs: Any) -> None: ...
 
     @overload
-    def step(self, closure: Callable[[], float]) -> float: ...
+    def step(self, closure: Callable[[], float], **kwargs: Any) -> float: ...
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None, **kwargs: Any) -> float | None:
         """Run one optimizer step on every rank: sync options, update the owned shard, gather.
 
         Collective: call on every rank of the group, in the same order.
 
         Args:
             closure: re-evaluates the model and returns the loss; called exactly once on every
-                rank (with grad enabled) before the update.
+                rank (with grad enabled) before the update. A base class whose step takes a
+                closure gets one that returns this loss.
+            **kwargs: passed on to the base optimizer's step (as ZeroRedundancyOptimizer does).
 
         Returns:
             The closure's loss, or None without a closure. With skip_nonfinite=True a step whose
             gradients hold an inf or nan changes nothing on any rank; `last_step_skipped` says so.
         """
         if self._kind == "lbfgs":
+            if kwargs:
+                raise TypeError(f"the sharded LBFGS step takes only a closure, got keyword arguments {sorted(kwargs)}")
             return self._step_lbfgs(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_storage()
+        self._settle()
         self._check_grads()
         if self._reducer is not None:
             self._reducer.hook_trainable_()
             self._reducer.flush_()
+            self._warn_full_grads()
         self._consolidated = None
         self._consolidated_to = None
         # NOTE: the step flags (which parameters got gradients, inf/nan) ride in the same
@@ -500,9 +555,13 @@ class ShardedOptimizer(Optimizer):
                     self.num_skipped_steps,
                 )
             return loss
-        self._masters.refresh_(self._params)
+        if closure is not None and _takes_closure(self.optim):
+            kwargs = {**kwargs, "closure": _CachedLoss(loss)}
+        pushed = snapshot_hparams(self.optim.param_groups)
         with torch.no_grad():
-            self._update_and_gather(has_grad)
+            self._update_and_gather(has_grad, kwargs)
+        flow_back_hparams_(self.optim.param_groups, self.param_groups, pushed)
+        self._has_state = True
         self._num_steps += 1
         if self.config.verify_every and self._num_steps % self.config.verify_every == 0:
             self.verify_replicas()
@@ -514,12 +573,47 @@ class ShardedOptimizer(Optimizer):
                 "LBFGS needs a closure that re-evaluates the model and returns the loss: "
                 "opt.step(closure); see examples/lbfgs_fit.py"
             )
-        self._check_storage()
+        self._settle()
         self._consolidated = None
         self._consolidated_to = None
         self._hparams.sync_(self.param_groups)
         copy_hparams_(self.param_groups, self.optim.param_groups)
+        self._has_state = True
         return self.optim.step(closure)
+
+    if not TYPE_CHECKING:  # keeps mypy strict about the wrapper's own attributes
+
+        def __getattr__(self, name: str) -> Any:
+            """Forward public methods that only the base class defines (e.g. schedule-free's train/eval).
+
+            `hasattr(opt, "train")` is True exactly when the base optimizer has `train`, as
+            frameworks that call it (Trainer, Accelerate) expect.
+            """
+            optim = self.__dict__.get("optim")
+            method = getattr(type(optim), name, None) if optim is not None and not name.startswith("_") else None
+            if method is None or not callable(method) or hasattr(Optimizer, name):
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            return functools.partial(self._call_base_method, name)
+
+    def _call_base_method(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Run the base optimizer's method `name` on this rank's shard, then gather the parameters.
+
+        Collective: call on every rank of the group, in the same order (the parameters are
+        gathered afterwards, since such methods may rewrite them, as schedule-free's
+        train()/eval() swap the weights between their two sequences). Options the method writes
+        into its param groups reach `opt.param_groups`.
+        """
+        self._settle()
+        copy_hparams_(self.param_groups, self.optim.param_groups)
+        before = snapshot_hparams(self.optim.param_groups)
+        result = getattr(self.optim, name)(*args, **kwargs)
+        flow_back_hparams_(self.optim.param_groups, self.param_groups, before)
+        with torch.no_grad():
+            self._masters.write_back_(range(len(self._buckets)))
+            self._gather_all()
+        self._consolidated = None
+        self._consolidated_to = None
+        return result
 
     def _gather_all(self) -> None:
         """All-gather every bucket so each rank holds the full parameters (Collective)."""
@@ -529,17 +623,26 @@ class ShardedOptimizer(Optimizer):
         ]
         for handle in pending:
             handle.wait()
+        self._storage.copy_out_(self._params, range(len(self._params)))
 
-    def _check_storage(self) -> None:
-        bad = [i for buffers in self._buffers for i in buffers.unbound(self._params)]
-        if bad:
-            p = self._params[bad[0]]
-            raise RuntimeError(
-                f"{self._comm.prefix}{len(bad)} parameter(s) no longer use the optimizer's storage (first: "
-                f"parameter {bad[0]}, shape {tuple(p.shape)}, {p.dtype} on {p.device}): their storage was "
-                "replaced after the optimizer was built (model.to(), .half(), ...). Build the ShardedOptimizer "
-                "after moving or casting the model"
-            )
+    def _settle(self) -> None:
+        """Bring parameters moved or written from outside since the last step back into the buckets."""
+        changed = self._storage.settle_(self._params, prefix=self._comm.prefix)
+        if changed:
+            with torch.no_grad():
+                self._masters.reread_(set(changed))
+
+    def _warn_full_grads(self) -> None:
+        if self._warned_full_grads or all(p.grad is None for p in self._params):
+            return
+        self._warned_full_grads = True
+        warnings.warn(
+            "stage=2: parameters carry a full .grad at step(), outside opt.no_sync(). The optimizer reduces "
+            "gradients itself during backward and ignores .grad; a model wrapped in DistributedDataParallel "
+            "reduces them a second time for nothing. Do not wrap a stage-2 model in DDP (and clip with "
+            "opt.clip_grad_norm_, not torch.nn.utils.clip_grad_norm_, which sees no gradients at stage 2)",
+            stacklevel=3,
+        )
 
     def _check_grads(self) -> None:
         """Reject gradients flat sharding cannot slice, on every rank (grads are the same everywhere)."""
@@ -561,25 +664,35 @@ class ShardedOptimizer(Optimizer):
             work[piece.bucket] = work[piece.bucket] or grad is not None
         return work
 
-    def _update_and_gather(self, has_grad: list[bool] | None = None) -> None:
+    def _steps_per_bucket(self) -> bool:
+        """Whether to call the base step once per bucket (to overlap each gather with the next update).
+
+        Only for torch.optim's own classes, whose step has no per-call side effects beyond the
+        per-parameter state, and only where gathers can overlap (NCCL, gloo broadcasts).
+        """
+        if not isinstance(self.optim, _TORCH_STEPWISE) or len(self._buckets) < 2:
+            return False
+        return not self._comm.gathers_synchronously(self._buckets[0].buffer.device)
+
+    def _update_and_gather(self, has_grad: list[bool] | None, step_kwargs: dict[str, Any]) -> None:
         # NOTE: a bucket is gathered when any of its parameters requires grad now. requires_grad is
         # set by model code, the same on every rank, so every rank enters the same collectives;
         # buckets of frozen parameters cost no communication until they are unfrozen.
         active = [any(self._params[i].requires_grad for i in b.param_indices) for b in self._buckets]
         has_work = self._attach_grads(active, has_grad)
+        per_bucket = self._steps_per_bucket()
         groups = self.optim.param_groups
         saved = [g["params"] for g in groups]
         pending: list[PendingGather] = []
         batched: list[tuple[torch.Tensor, tuple[int, ...]]] = []
         try:
+            if not per_bucket and any(has_work):
+                self._local_step_(step_kwargs, [b for b, work in enumerate(has_work) if work])
             for b, bucket in enumerate(self._buckets):
-                if has_work[b]:
+                if per_bucket and has_work[b]:
                     for group_index, group in enumerate(groups):
                         group["params"] = bucket.group_to_locals.get(group_index, [])
-                    self.optim.step()
-                    if self._masters.has(b):
-                        self._keep_master_in_state(bucket)
-                        self._masters.write_back_([b])
+                    self._local_step_(step_kwargs, [b])
                 if not active[b]:
                     continue
                 if self._comm.gathers_synchronously(bucket.buffer.device):
@@ -596,6 +709,17 @@ class ShardedOptimizer(Optimizer):
             self._comm.gather_buckets_(batched, what="parameter gather")
         for handle in pending:
             handle.wait()
+        self._storage.copy_out_(
+            self._params, [i for b, bucket in enumerate(self._buckets) if active[b] for i in bucket.param_indices]
+        )
+
+    def _local_step_(self, step_kwargs: dict[str, Any], buckets: list[int]) -> None:
+        """Run the base optimizer's step over its current groups; keep and write back `buckets`' masters."""
+        self.optim.step(**step_kwargs)
+        with_masters = [b for b in buckets if self._masters.has(b)]
+        for b in with_masters:
+            self._keep_master_in_state(self._buckets[b])
+        self._masters.write_back_(with_masters)
 
     def _keep_master_in_state(self, bucket: Bucket) -> None:
         """Expose each just-stepped master piece as state[MASTER_KEY], so checkpoints carry it.
@@ -607,6 +731,51 @@ class ShardedOptimizer(Optimizer):
             for local in locals_:
                 if local.grad is not None:
                     self.optim.state[local].setdefault(MASTER_KEY, local)
+
+
+#: torch.optim's own classes: their step has no per-call side effects beyond per-parameter state.
+_TORCH_STEPWISE = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.RMSprop,
+    torch.optim.Rprop,
+    torch.optim.ASGD,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+)
+
+
+def _takes_closure(optim: Optimizer) -> bool:
+    try:
+        return "closure" in inspect.signature(optim.step).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _CachedLoss:
+    """The closure handed to a base step: returns the loss the wrapper already computed, once.
+
+    A base class that calls the closure more than once per step expects it to re-evaluate the
+    model at new weights, which a cached loss cannot do: refuse instead of computing garbage.
+    """
+
+    def __init__(self, loss: Any) -> None:
+        self._loss = loss
+        self._calls = 0
+
+    def __call__(self) -> Any:
+        self._calls += 1
+        if self._calls > 1:
+            raise RuntimeError(
+                "the base optimizer called the closure more than once in one step (it re-evaluates the model "
+                "at perturbed weights, as SAM-like optimizers do), which ShardedOptimizer cannot do exactly: "
+                "each rank holds only its shard of the update. Use this optimizer without ShardedOptimizer"
+            )
+        return self._loss
 
 
 def _nbytes(value: object) -> int:

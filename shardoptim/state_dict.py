@@ -122,7 +122,7 @@ def consolidate(opt: ShardedOptimizer, *, to: int) -> dict[str, Any] | None:
         state[index] = entry
     if comm.rank != to:
         return None
-    return {"state": state, "param_groups": _groups_with_indices(opt)}
+    return {"state": state, "param_groups": groups_with_indices(opt)}
 
 
 def _move(
@@ -153,10 +153,17 @@ def _move(
             out.copy_(staging)
 
 
-def _groups_with_indices(opt: ShardedOptimizer) -> list[dict[str, Any]]:
+def groups_with_indices(opt: ShardedOptimizer) -> list[dict[str, Any]]:
+    """Return the param groups as a torch.optim state_dict holds them: options and parameter indices.
+
+    Implementation flags that the wrapper chose itself (fused/foreach) are left out, so a plain
+    optimizer that loads the checkpoint keeps its own choice.
+    """
     groups, next_index = [], 0
     for group in opt.param_groups:
-        saved = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+        saved = {
+            k: copy.deepcopy(v) for k, v in group.items() if k != "params" and k not in opt.injected_flags
+        }
         saved["params"] = list(range(next_index, next_index + len(group["params"])))
         next_index += len(group["params"])
         groups.append(saved)
@@ -250,6 +257,7 @@ def load_pieces(
         index_to_values: parameter index -> state key -> value for this rank's piece of it
             (shaped like the piece), for the parameters that have state.
     """
+    opt._settle()  # weights written since the last step reach the buckets before masters are restored
     piece_of = {id(piece.local): piece for piece in opt._pieces}
     local_state: dict[int, dict[str, Any]] = {}
     local_groups: list[dict[str, Any]] = []
@@ -292,7 +300,7 @@ def _restore_masters(opt: ShardedOptimizer) -> None:
             state[MASTER_KEY] = piece.local
     with torch.no_grad():
         opt._masters.reread_(unsaved)
-    opt._masters.remember_versions(opt._params)
+    opt._storage.remember_(opt._params, range(len(opt._params)))
 
 
 def _fits(value: torch.Tensor, param: torch.Tensor, *, flat: bool) -> bool:

@@ -51,8 +51,7 @@ def _check_save(rank: int, world_size: int, *, name: str, steps: int) -> dict[st
     to = world_size - 1
     opt.consolidate_state_dict(to=to)
     if rank != to:
-        with pytest.raises(RuntimeError, match=f"on rank {to}, not on rank {rank}"):
-            opt.state_dict()
+        assert opt.state_dict() == {}  # what Lightning expects of a non-target rank; loads as a no-op
     sd = opt.state_dict() if rank == to else None
     _grads_(params, steps)
     opt.step()  # collective: every rank takes the step the reference below replays

@@ -17,13 +17,17 @@ def _model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
 
 
-def test_single_process_matches_torch_and_params_share_storage() -> None:
+@pytest.mark.parametrize("as_view", [False, True])
+def test_single_process_matches_torch_and_storage_mode(as_view: bool) -> None:
     model, ref = _model(), _model()
-    opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-2)
+    opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, parameters_as_bucket_view=as_view, lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
     buffer = opt._buckets[0].buffer
     for p in model.parameters():
-        assert buffer.data_ptr() <= p.data_ptr() < buffer.data_ptr() + buffer.numel() * 4
+        inside = buffer.data_ptr() <= p.data_ptr() < buffer.data_ptr() + buffer.numel() * 4
+        assert inside == as_view
+    ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(ptrs) == (1 if as_view else 4)  # own storage: no two parameters share one
     for _ in range(3):
         for m, o in ((model, opt), (ref, ref_opt)):
             o.zero_grad()
@@ -127,6 +131,27 @@ def test_error_storage_replaced_after_build() -> None:
     model(torch.ones(1, 8, dtype=torch.float64)).sum().backward()
     with pytest.raises(RuntimeError, match="Build the ShardedOptimizer after moving or casting the model"):
         opt.step()
+
+
+@pytest.mark.parametrize("as_view", [False, True])
+def test_moved_parameters_are_rebound_at_the_next_step(as_view: bool) -> None:
+    """Trainer and Accelerate call model.to(cpu:0) after the optimizer is built: it copies every tensor."""
+    model, ref = _model(), _model()
+    opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, parameters_as_bucket_view=as_view, lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    for step in range(3):
+        if step == 1:
+            old = [p.data_ptr() for p in model.parameters()]
+            model.to(torch.device("cpu", 0))
+            assert all(p.data_ptr() != q for p, q in zip(model.parameters(), old))
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(torch.ones(4, 8)).sum().backward()
+            o.step()
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    buffer = opt._buckets[0].buffer
+    inside = [buffer.data_ptr() <= p.data_ptr() < buffer.data_ptr() + buffer.numel() * 4 for p in model.parameters()]
+    assert inside == [as_view] * 4
 
 
 def test_bad_lr_surfaces_and_model_untouched() -> None:
