@@ -14,7 +14,7 @@ import inspect
 import logging
 import warnings
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import torch
 import torch.distributed as dist
@@ -32,12 +32,21 @@ from shardoptim.hparams import (
     flow_back_hparams_,
     snapshot_hparams,
 )
-from shardoptim.kinds import Kind, resolve_impl_flags, resolve_kind, tensor_cost
+from shardoptim.kinds import (
+    Kind,
+    is_registered,
+    kind_from_verdict,
+    resolve_impl_flags,
+    resolve_kind,
+    tensor_cost,
+)
 from shardoptim.layout import Layout
 from shardoptim.master import MASTER_KEY, MasterShards
 from shardoptim.owned_grads import OwnedGrads
 from shardoptim.params import as_param_groups, probe_complex_support, validate_new_params, validate_params
 from shardoptim.pieces import Bucket, Piece, place_params
+from shardoptim.probe import ProbeVerdict, probe_update_kind
+from shardoptim.replicated import rank0_rng, whole_pieces
 from shardoptim.storage import ParamStorage
 
 __all__ = ["DEFAULT_BUCKET_NUMEL", "ShardedOptimizer"]
@@ -119,6 +128,14 @@ class ShardedOptimizer(Optimizer):
             comm_backend=comm_backend,
         )
         self._kind: Kind = resolve_kind(optimizer_class, sharding)
+        #: What probing the base class found (None for classes of known kind, or a forced sharding).
+        self.probe_verdict: ProbeVerdict | None = None
+        if sharding == "auto" and not is_registered(optimizer_class):
+            self.probe_verdict = probe_update_kind(optimizer_class, defaults)
+            self._kind = kind_from_verdict(self.probe_verdict)
+        self._uses_rng = self.probe_verdict is not None and self.probe_verdict.uses_rng
+        #: Why the class runs unsharded on every rank ("" unless sharding is "replicated").
+        self.replication_reason = self.probe_verdict.reason if self._kind == "replicated" and self.probe_verdict else ""
         self._check_supported(optimizer_class)
         self._num_steps = 0
         #: Steps skipped because a gradient held an inf or nan (skip_nonfinite=True).
@@ -144,8 +161,10 @@ class ShardedOptimizer(Optimizer):
         self._tensor_loads = [0.0] * self._comm.world_size
         self._masters = MasterShards(self.config.master_dtype or torch.float32)
         self._reducer = GradReducer(self._comm, self._params) if self.config.stage == 2 else None
+        # NOTE: replicated: every rank holds every piece; norms and inf/nan checks count rank 0's only.
+        self._norm_pieces: list[Piece] = self._pieces if self._kind != "replicated" else []
         self._grads = OwnedGrads(
-            self._comm, self._params, self._pieces, self._reducer, whole_tensors=self._kind == "tensor"
+            self._comm, self._params, self._norm_pieces, self._reducer, whole_tensors=self._kind != "flat"
         )
         self._storage = ParamStorage(as_bucket_view=self.config.parameters_as_bucket_view)
         self._consolidated: dict[str, Any] | None = None
@@ -208,6 +227,13 @@ class ShardedOptimizer(Optimizer):
                 f"the sharded LBFGS supports stage=1 without master_dtype or skip_nonfinite, got stage={config.stage}, "
                 f"master_dtype={config.master_dtype}, skip_nonfinite={config.skip_nonfinite}; drop those options"
             )
+        if self._kind == "replicated" and (config.stage != 1 or config.master_dtype):
+            raise ValueError(
+                f"{optimizer_class.__name__} runs replicated (unsharded) on every rank ({self.replication_reason}), "
+                f"which supports stage=1 without master_dtype, got stage={config.stage}, "
+                f"master_dtype={config.master_dtype}; use stage=1 with DDP, or declare the class with "
+                "shardoptim.register_elementwise / register_per_tensor if you know it is safe to shard"
+            )
         if config.stage == 2 and optimizer_class is torch.optim.SparseAdam:
             raise ValueError(
                 "SparseAdam needs sparse gradients, which stage=2 cannot reduce-scatter; use stage=1 with DDP"
@@ -215,6 +241,8 @@ class ShardedOptimizer(Optimizer):
 
     def _bind_(self, first_bucket: int) -> None:
         """Point the latest placed parameters at their buckets; hook them up for stage 2."""
+        if self._kind == "replicated":
+            return
         self._storage.attach_(self._buffers[-1], self._params)
         if self._reducer is None:
             return
@@ -240,6 +268,17 @@ class ShardedOptimizer(Optimizer):
         optimizer accepted the groups, so a rejected option leaves the model untouched).
         """
         first_index = len(self._params)
+        if self._kind == "replicated":
+            pieces = whole_pieces(new_params, first_index=first_index)
+            self._params.extend(new_params)
+            self._pieces.extend(pieces)
+            if self._comm.rank == 0:
+                self._norm_pieces.extend(pieces)
+            return [
+                {**{k: v for k, v in self.param_groups[g].items() if k not in STRUCTURE_KEYS},
+                 "params": list(self.param_groups[g]["params"])}
+                for g in group_indices
+            ]
         id_to_group = {
             id(p): group_index
             for group_index in group_indices
@@ -280,7 +319,17 @@ class ShardedOptimizer(Optimizer):
         return local_groups
 
     def _log_layout(self) -> None:
-        if self._comm.rank != 0 or not logger.isEnabledFor(logging.INFO):
+        if self._comm.rank != 0:
+            return
+        if self._kind == "replicated" and self._comm.world_size > 1:
+            warnings.warn(
+                f"{self._optimizer_class.__name__} is not sharded: it runs unsharded on every rank with its full "
+                f"state (correct, no memory saving), because {self.replication_reason}. If you know its update is "
+                "elementwise or per-tensor, declare it with shardoptim.register_elementwise or "
+                "register_per_tensor",
+                stacklevel=3,
+            )
+        if not logger.isEnabledFor(logging.INFO):
             return
         rank_to_numel = self.rank_to_numel()
         total = sum(rank_to_numel)
@@ -296,6 +345,8 @@ class ShardedOptimizer(Optimizer):
 
     def rank_to_numel(self) -> list[int]:
         """Return the parameter elements whose state each rank owns (all groups; no communication)."""
+        if self._kind == "replicated":
+            return [sum(p.numel() for p in self._params)] * self._comm.world_size
         totals = [0] * self._comm.world_size
         for layout in self._layouts:
             for rank, numel in enumerate(layout.rank_to_numel()):
@@ -370,11 +421,12 @@ class ShardedOptimizer(Optimizer):
           and `{}` on every other rank (which `load_state_dict` accepts as a no-op).
         - Before any state exists (no step taken, nothing loaded): `{"state": {}, "param_groups":
           [...]}` on every rank, as a fresh torch.optim optimizer returns.
+        - In a group of one rank: the full state (consolidated on the spot).
 
         Safe to call on one rank only (e.g. rank 0 saving a checkpoint): it never communicates.
 
         Raises:
-            RuntimeError: state exists but was not consolidated since the last step.
+            RuntimeError: state exists on several ranks but was not consolidated since the last step.
         """
         if self._consolidated is not None:
             return self._consolidated
@@ -384,6 +436,10 @@ class ShardedOptimizer(Optimizer):
             from shardoptim.state_dict import groups_with_indices
 
             return {"state": {}, "param_groups": groups_with_indices(self)}
+        if self._comm.world_size == 1:  # nothing to gather from: consolidating is local
+            self.consolidate_state_dict(to=0)
+            assert self._consolidated is not None
+            return self._consolidated
         raise RuntimeError(
             f"{self._comm.prefix}the optimizer state is sharded and was not consolidated since the last step: "
             "call opt.consolidate_state_dict(to=0) on every rank first, then opt.state_dict() on rank 0 (other "
@@ -445,7 +501,9 @@ class ShardedOptimizer(Optimizer):
         else:
             grads = sum(_nbytes(p.grad) for p in self._params)
         return {
-            "params": sum(_nbytes(b.buffer) for b in self._buckets) + self._storage.extra_nbytes(self._params),
+            "params": sum(_nbytes(b.buffer) for b in self._buckets)
+            + self._storage.extra_nbytes(self._params)
+            + (sum(_nbytes(p) for p in self._params) if self._kind == "replicated" else 0),
             "grads": grads,
             "state": self.local_state_nbytes(),
             "master": self._masters.nbytes(),
@@ -527,6 +585,8 @@ class ShardedOptimizer(Optimizer):
             if kwargs:
                 raise TypeError(f"the sharded LBFGS step takes only a closure, got keyword arguments {sorted(kwargs)}")
             return self._step_lbfgs(closure)
+        if self._kind == "replicated":
+            return cast("float | None", self._step_replicated(closure, kwargs))
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -714,12 +774,77 @@ class ShardedOptimizer(Optimizer):
         )
 
     def _local_step_(self, step_kwargs: dict[str, Any], buckets: list[int]) -> None:
-        """Run the base optimizer's step over its current groups; keep and write back `buckets`' masters."""
-        self.optim.step(**step_kwargs)
+        """Run the base optimizer's step over its current groups; keep and write back `buckets`' masters.
+
+        Collective for classes other than torch.optim's own (an agreement on the outcome, so a
+        step that fails on one rank raises on every rank instead of leaving them in the gather).
+        """
+        self._run_base_step(step_kwargs)
         with_masters = [b for b in buckets if self._masters.has(b)]
         for b in with_masters:
             self._keep_master_in_state(self._buckets[b])
         self._masters.write_back_(with_masters)
+
+    def _run_base_step(self, step_kwargs: dict[str, Any]) -> Any:
+        """Run the base step (under rank 0's random state when it draws); agree on failure.
+
+        Collective for classes other than torch.optim's own: call on every rank, in the same order.
+        """
+        failure: Exception | None = None
+        result = None
+        try:
+            with rank0_rng(self._comm, self._devices()) if self._uses_rng else contextlib.nullcontext():
+                result = self.optim.step(**step_kwargs)
+        except Exception as err:
+            if isinstance(self.optim, _TORCH_STEPWISE):
+                raise
+            failure = RuntimeError(
+                f"{self._comm.prefix}{self._optimizer_class.__name__}.step() failed on this rank's part of param "
+                f"groups 0-{len(self.param_groups) - 1}: {type(err).__name__}: {err}"
+            )
+            failure.__cause__ = err
+        if not isinstance(self.optim, _TORCH_STEPWISE):
+            self._comm.raise_if_any_failed(failure, what=f"{self._optimizer_class.__name__}.step()")
+        return result
+
+    def _devices(self) -> list[torch.device]:
+        return sorted({p.device for p in self._params}, key=str)
+
+    def _step_replicated(self, closure: Callable[[], float] | None, kwargs: dict[str, Any]) -> Any:
+        """Step the unsharded base optimizer on every rank (kind "replicated"; see shardoptim.replicated).
+
+        Collective: call on every rank of the group, in the same order.
+        """
+        through = closure is not None and _takes_closure(self.optim)
+        if through and self.config.skip_nonfinite:
+            raise ValueError(
+                f"skip_nonfinite=True needs the gradients before the step, but {self._optimizer_class.__name__} "
+                "evaluates the closure inside its step; compute the loss and backward before opt.step() instead"
+            )
+        loss = None
+        if closure is not None and not through:
+            with torch.enable_grad():
+                loss = closure()
+        self._consolidated = None
+        self._consolidated_to = None
+        flags = self._grads.local_flags(check_nonfinite=self.config.skip_nonfinite)
+        rank_to_flags = self._hparams.sync_(self.param_groups, extra=flags)
+        copy_hparams_(self.param_groups, self.optim.param_groups)
+        _, nonfinite = self._grads.merge_flags(rank_to_flags)
+        self.last_step_skipped = nonfinite
+        if nonfinite:
+            self.num_skipped_steps += 1
+            return loss
+        if through:
+            kwargs = {**kwargs, "closure": closure}
+        pushed = snapshot_hparams(self.optim.param_groups)
+        result = self._run_base_step(kwargs)
+        flow_back_hparams_(self.optim.param_groups, self.param_groups, pushed)
+        self._has_state = True
+        self._num_steps += 1
+        if self.config.verify_every and self._num_steps % self.config.verify_every == 0:
+            self.verify_replicas()
+        return result if through else loss
 
     def _keep_master_in_state(self, bucket: Bucket) -> None:
         """Expose each just-stepped master piece as state[MASTER_KEY], so checkpoints carry it.

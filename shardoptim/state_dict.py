@@ -54,7 +54,7 @@ def _all_optimizer_option_names() -> frozenset[str]:
 
 def _local_meta(opt: ShardedOptimizer) -> dict[int, tuple[int, int, dict[str, _Spec]]]:
     """Describe this rank's state: param index -> (start_in_param, end_in_param, key -> spec)."""
-    flat = opt.sharding != "tensor"
+    flat = opt.sharding == "flat"
     meta: dict[int, tuple[int, int, dict[str, _Spec]]] = {}
     for piece in opt._pieces:
         state = opt.optim.state.get(piece.local)
@@ -227,7 +227,7 @@ def load(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
     saved_groups = validate(opt, state_dict)
     saved_state: Mapping[Any, Mapping[str, Any]] = state_dict["state"]
     index_to_saved_id = [pid for saved in saved_groups for pid in saved["params"]]
-    flat = opt.sharding != "tensor"
+    flat = opt.sharding == "flat"
     for index, pid in enumerate(index_to_saved_id):
         param = opt._params[index]
         for key, value in saved_state.get(pid, {}).items():

@@ -530,34 +530,23 @@ def test_add_param_group_rejected_then_alive(make: Callable[[_Twin], Any], error
     ),
 )
 def test_state_dict_call_order(case: str) -> None:
+    """At world size 1 state_dict() consolidates on the spot (nothing to gather); bad targets still raise."""
     twin = _Twin()
     twin.step()
     if case == "state_dict_before_consolidate":
-        with pytest.raises(RuntimeError, match=r"\[rank 0/1\] the optimizer state is sharded and was not consolidated"):
-            twin.opt.state_dict()
+        assert set(twin.opt.state_dict()["state"]) == set(twin.ref.state_dict()["state"])
     elif case == "state_dict_stale_after_step":
         twin.opt.consolidate_state_dict(to=0)
-        twin.opt.state_dict()
+        first = _clone(twin.opt.state_dict())
         twin.step()
-        with pytest.raises(RuntimeError, match=r"call opt\.consolidate_state_dict\(to=0\) on every rank first"):
-            twin.opt.state_dict()
+        again = twin.opt.state_dict()  # consolidated anew, not the stale dict
+        assert again["state"][0]["step"] == first["state"][0]["step"] + 1
     else:
         to = 1 if case == "consolidate_to_out_of_range" else -1
         with pytest.raises(ValueError, match=rf"to={to} is not a rank of the group \(world size 1\)"):
             twin.opt.consolidate_state_dict(to=to)
-        with pytest.raises(RuntimeError, match="was not consolidated since the last step"):
-            twin.opt.state_dict()
+        assert twin.opt.state_dict()["state"]
     assert twin.alive()
-
-
-def test_stale_state_dict_message_is_not_contradictory() -> None:
-    twin = _Twin()
-    twin.step()
-    twin.opt.consolidate_state_dict(to=0)
-    twin.step()
-    with pytest.raises(RuntimeError) as info:
-        twin.opt.state_dict()
-    assert "on rank 0, not on rank 0" not in str(info.value)
 
 
 # load_state_dict ------------------------------------------------------------------------------------------
