@@ -15,8 +15,11 @@ shrinks width, vocabulary and context by sqrt(s) for a quick run.
 Every configuration runs in its own freshly spawned set of N ranks (gloo, FileStore,
 OMP_NUM_THREADS=1 and torch.set_num_threads(1) in every rank), one after another:
 
-    shardoptim             ShardedOptimizer(params, AdamW) defaults: fused, flat; on gloo with every rank
-                           on one host the buckets are gathered through shared memory ("shm")
+    shardoptim             ShardedOptimizer(params, AdamW) defaults: fused, flat, parameters in their own
+                           storage (copied out of the buckets after each gather); on gloo with every
+                           rank on one host the buckets are gathered through shared memory ("shm")
+    shardoptim bucket_view the same with parameters_as_bucket_view=True: parameters are views into the
+                           buckets (no copy-out, no second copy of the parameters)
     shardoptim broadcast   the same with `opt._comm.gather_method = "broadcast"` (one gloo broadcast
                            per rank per bucket: the multi-host gloo path)
     shardoptim all_gather  the same with `opt._comm.gather_method = "all_gather"` (gloo's all_gather)
@@ -84,6 +87,7 @@ WEIGHT_DECAY = 0.1
 MIB = 1 << 20
 CONFIGS = (
     "shardoptim",
+    "shardoptim bucket_view",
     "shardoptim broadcast",
     "shardoptim all_gather",
     "zero default",
@@ -134,6 +138,8 @@ def _build(config: str, params: list[torch.nn.Parameter], bucket_numel: int | No
     if config.startswith("shardoptim"):
         if bucket_numel is not None:
             kw["bucket_numel"] = bucket_numel
+        if config == "shardoptim bucket_view":
+            return shardoptim.ShardedOptimizer(params, torch.optim.AdamW, parameters_as_bucket_view=True, **kw)
         opt = shardoptim.ShardedOptimizer(params, torch.optim.AdamW, **kw)
         if config != "shardoptim":
             opt._comm.gather_method = config.split()[1]  # force the gloo path to compare against
@@ -223,7 +229,7 @@ def _instrument(opt: shardoptim.ShardedOptimizer, phases: _Phases) -> None:
         (so_optimizer, "sync_hparams_", "hparam sync"),
         (so_optimizer, "copy_hparams_", "hparam sync"),
         (getattr(opt, "_hparams", None), "sync_", "hparam sync"),
-        (opt, "_check_storage", "storage check"),
+        (opt, "_settle", "storage check"),
         (opt, "_attach_grads", "attach grads"),
     ]
     for obj, attr, name in optional:

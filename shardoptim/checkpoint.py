@@ -6,8 +6,8 @@ rank 0 once every rank is done, so a crash mid-save leaves the previous checkpoi
 Loading reads only the chunks that overlap the loading rank's pieces, so it works at any world
 size and under either layout. Nothing is unpickled with `weights_only=False`.
 
-Offline: `python -m shardoptim.checkpoint consolidate DIR OUT.pt` writes the base optimizer's own
-single-file format without any process group.
+Offline: `shardoptim-consolidate DIR OUT.pt` (shardoptim.cli, over `consolidate_dir`) writes the
+base optimizer's own single-file format without any process group.
 """
 
 from __future__ import annotations
@@ -157,6 +157,7 @@ def save(
             logger.warning(
                 "checkpoint: param group %d options %s are not plain values; not saved", index, dropped
             )
+        kept.update(optimizer.injected_flags)  # the class defaults, not the wrapper's own kernel choice
         kept["params"] = [id_to_name[id(p)] for p in group["params"]]
         groups.append(kept)
     meta = {
@@ -441,18 +442,10 @@ def consolidate_dir(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[0] != "consolidate":
-        print("usage: python -m shardoptim.checkpoint consolidate DIR OUT.pt", file=sys.stderr)
-        return 2
-    state_dict = consolidate_dir(argv[1])
-    out = Path(argv[2])
-    tmp = out.with_name(out.name + ".partial")
-    torch.save(state_dict, tmp)
-    os.replace(tmp, out)
-    print(
-        f"wrote {out}: {len(state_dict['state'])} parameters with state, {len(state_dict['param_groups'])} groups"
-    )
-    return 0
+    """Serve the older `python -m shardoptim.checkpoint consolidate DIR OUT.pt` through shardoptim.cli."""
+    from shardoptim.cli import main
+
+    return main(argv[1:] if argv[:1] == ["consolidate"] else argv)
 
 
 if __name__ == "__main__":

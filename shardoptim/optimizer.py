@@ -9,28 +9,24 @@ every rank while the next one is updated.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 import warnings
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, cast, overload
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
 from shardoptim.buffers import FlatBuffers
-from shardoptim.comm import Comm, PendingGather
+from shardoptim.comm import Comm
 from shardoptim.config import DEFAULT_BUCKET_NUMEL, CommBackend, ShardConfig, Stage
 from shardoptim.grads import GradReducer, GradSlot
 from shardoptim.hparams import (
     STRUCTURE_KEYS,
     HparamSync,
     HparamSyncer,
-    copy_hparams_,
-    flow_back_hparams_,
-    snapshot_hparams,
 )
 from shardoptim.kinds import (
     Kind,
@@ -46,7 +42,8 @@ from shardoptim.owned_grads import OwnedGrads
 from shardoptim.params import as_param_groups, probe_complex_support, validate_new_params, validate_params
 from shardoptim.pieces import Bucket, Piece, place_params
 from shardoptim.probe import ProbeVerdict, probe_update_kind
-from shardoptim.replicated import rank0_rng, whole_pieces
+from shardoptim.replicated import whole_pieces
+from shardoptim.stepping import Stepping
 from shardoptim.storage import ParamStorage
 
 __all__ = ["DEFAULT_BUCKET_NUMEL", "ShardedOptimizer"]
@@ -54,7 +51,7 @@ __all__ = ["DEFAULT_BUCKET_NUMEL", "ShardedOptimizer"]
 logger = logging.getLogger(__name__)
 
 
-class ShardedOptimizer(Optimizer):
+class ShardedOptimizer(Stepping, Optimizer):
     """Shard the state of any torch.optim optimizer across the ranks of a process group.
 
     Every rank keeps identical full parameters; each rank keeps optimizer state only for the part
@@ -174,8 +171,9 @@ class ShardedOptimizer(Optimizer):
         self._has_state = False
         self._building = True
         resolved = resolve_impl_flags(optimizer_class, defaults, groups)
-        #: Implementation flags the wrapper chose itself (not saved in consolidated param_groups).
-        self.injected_flags = frozenset(k for k in resolved if k not in defaults)
+        #: Implementation flags the wrapper chose itself, with the class's own default: consolidated
+        #: param_groups record the default (what the user asked for), not the wrapper's choice.
+        self.injected_flags = {k: _class_default(optimizer_class, k) for k in resolved if k not in defaults}
         if self._kind != "lbfgs":
             probe_complex_support(optimizer_class, resolved, params_list)
         super().__init__(groups, resolved)
@@ -560,347 +558,13 @@ class ShardedOptimizer(Optimizer):
         """
         return self._grads.unscale_(inv_scale, found_inf, allow_fp16=allow_fp16)
 
-    @overload
-    def step(self, closure: None = None, **kwargs: Any) -> None: ...
 
-    @overload
-    def step(self, closure: Callable[[], float], **kwargs: Any) -> float: ...
-
-    def step(self, closure: Callable[[], float] | None = None, **kwargs: Any) -> float | None:
-        """Run one optimizer step on every rank: sync options, update the owned shard, gather.
-
-        Collective: call on every rank of the group, in the same order.
-
-        Args:
-            closure: re-evaluates the model and returns the loss; called exactly once on every
-                rank (with grad enabled) before the update. A base class whose step takes a
-                closure gets one that returns this loss.
-            **kwargs: passed on to the base optimizer's step (as ZeroRedundancyOptimizer does).
-
-        Returns:
-            The closure's loss, or None without a closure. With skip_nonfinite=True a step whose
-            gradients hold an inf or nan changes nothing on any rank; `last_step_skipped` says so.
-        """
-        if self._kind == "lbfgs":
-            if kwargs:
-                raise TypeError(f"the sharded LBFGS step takes only a closure, got keyword arguments {sorted(kwargs)}")
-            return self._step_lbfgs(closure)
-        if self._kind == "replicated":
-            return cast("float | None", self._step_replicated(closure, kwargs))
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._settle()
-        self._check_grads()
-        if self._reducer is not None:
-            self._reducer.hook_trainable_()
-            self._reducer.flush_()
-            self._warn_full_grads()
-        self._consolidated = None
-        self._consolidated_to = None
-        # NOTE: the step flags (which parameters got gradients, inf/nan) ride in the same
-        # all-gather as the hyperparameters: one collective per step for both.
-        flags = self._grads.local_flags(check_nonfinite=self.config.skip_nonfinite)
-        rank_to_flags = self._hparams.sync_(self.param_groups, extra=flags)
-        copy_hparams_(self.param_groups, self.optim.param_groups)
-        has_grad, nonfinite = self._grads.merge_flags(rank_to_flags)
-        self.last_step_skipped = nonfinite
-        if nonfinite:
-            self.num_skipped_steps += 1
-            if self._comm.rank == 0:
-                logger.warning(
-                    "step %d skipped: a gradient holds an inf or nan (%d steps skipped so far)",
-                    self._num_steps,
-                    self.num_skipped_steps,
-                )
-            return loss
-        if closure is not None and _takes_closure(self.optim):
-            kwargs = {**kwargs, "closure": _CachedLoss(loss)}
-        pushed = snapshot_hparams(self.optim.param_groups)
-        with torch.no_grad():
-            self._update_and_gather(has_grad, kwargs)
-        flow_back_hparams_(self.optim.param_groups, self.param_groups, pushed)
-        self._has_state = True
-        self._num_steps += 1
-        if self.config.verify_every and self._num_steps % self.config.verify_every == 0:
-            self.verify_replicas()
-        return loss
-
-    def _step_lbfgs(self, closure: Callable[[], float] | None) -> float:
-        if closure is None:
-            raise ValueError(
-                "LBFGS needs a closure that re-evaluates the model and returns the loss: "
-                "opt.step(closure); see examples/lbfgs_fit.py"
-            )
-        self._settle()
-        self._consolidated = None
-        self._consolidated_to = None
-        self._hparams.sync_(self.param_groups)
-        copy_hparams_(self.param_groups, self.optim.param_groups)
-        self._has_state = True
-        return self.optim.step(closure)
-
-    if not TYPE_CHECKING:  # keeps mypy strict about the wrapper's own attributes
-
-        def __getattr__(self, name: str) -> Any:
-            """Forward public methods that only the base class defines (e.g. schedule-free's train/eval).
-
-            `hasattr(opt, "train")` is True exactly when the base optimizer has `train`, as
-            frameworks that call it (Trainer, Accelerate) expect.
-            """
-            optim = self.__dict__.get("optim")
-            method = getattr(type(optim), name, None) if optim is not None and not name.startswith("_") else None
-            if method is None or not callable(method) or hasattr(Optimizer, name):
-                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-            return functools.partial(self._call_base_method, name)
-
-    def _call_base_method(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        """Run the base optimizer's method `name` on this rank's shard, then gather the parameters.
-
-        Collective: call on every rank of the group, in the same order (the parameters are
-        gathered afterwards, since such methods may rewrite them, as schedule-free's
-        train()/eval() swap the weights between their two sequences). Options the method writes
-        into its param groups reach `opt.param_groups`.
-        """
-        self._settle()
-        copy_hparams_(self.param_groups, self.optim.param_groups)
-        before = snapshot_hparams(self.optim.param_groups)
-        result = getattr(self.optim, name)(*args, **kwargs)
-        flow_back_hparams_(self.optim.param_groups, self.param_groups, before)
-        with torch.no_grad():
-            self._masters.write_back_(range(len(self._buckets)))
-            self._gather_all()
-        self._consolidated = None
-        self._consolidated_to = None
-        return result
-
-    def _gather_all(self) -> None:
-        """All-gather every bucket so each rank holds the full parameters (Collective)."""
-        pending = [
-            self._comm.gather_bucket_async(b.buffer, b.bounds, what=f"parameter gather (bucket {i})")
-            for i, b in enumerate(self._buckets)
-        ]
-        for handle in pending:
-            handle.wait()
-        self._storage.copy_out_(self._params, range(len(self._params)))
-
-    def _settle(self) -> None:
-        """Bring parameters moved or written from outside since the last step back into the buckets."""
-        changed = self._storage.settle_(self._params, prefix=self._comm.prefix)
-        if changed:
-            with torch.no_grad():
-                self._masters.reread_(set(changed))
-
-    def _warn_full_grads(self) -> None:
-        if self._warned_full_grads or all(p.grad is None for p in self._params):
-            return
-        self._warned_full_grads = True
-        warnings.warn(
-            "stage=2: parameters carry a full .grad at step(), outside opt.no_sync(). The optimizer reduces "
-            "gradients itself during backward and ignores .grad; a model wrapped in DistributedDataParallel "
-            "reduces them a second time for nothing. Do not wrap a stage-2 model in DDP (and clip with "
-            "opt.clip_grad_norm_, not torch.nn.utils.clip_grad_norm_, which sees no gradients at stage 2)",
-            stacklevel=3,
-        )
-
-    def _check_grads(self) -> None:
-        """Reject gradients flat sharding cannot slice, on every rank (grads are the same everywhere)."""
-        if self._kind != "flat":
-            return
-        for index, param in enumerate(self._params):
-            if param.grad is not None and param.grad.is_sparse:
-                raise TypeError(
-                    f"{self._comm.prefix}parameter {index} (shape {tuple(param.shape)}) has a sparse gradient, "
-                    "which flat sharding cannot slice; use sharding='tensor' (e.g. with torch.optim.SparseAdam)"
-                )
-
-    def _attach_grads(self, active: list[bool], has_grad: list[bool] | None) -> list[bool]:
-        """Point each local piece's .grad at its gradient; return per-bucket 'has work'."""
-        work = [False] * len(self._buckets)
-        for piece in self._pieces:
-            grad = self._grads.piece_grad(piece, has_grad) if active[piece.bucket] else None
-            piece.local.grad = grad
-            work[piece.bucket] = work[piece.bucket] or grad is not None
-        return work
-
-    def _steps_per_bucket(self) -> bool:
-        """Whether to call the base step once per bucket (to overlap each gather with the next update).
-
-        Only for torch.optim's own classes, whose step has no per-call side effects beyond the
-        per-parameter state, and only where gathers can overlap (NCCL, gloo broadcasts).
-        """
-        if not isinstance(self.optim, _TORCH_STEPWISE) or len(self._buckets) < 2:
-            return False
-        return not self._comm.gathers_synchronously(self._buckets[0].buffer.device)
-
-    def _update_and_gather(self, has_grad: list[bool] | None, step_kwargs: dict[str, Any]) -> None:
-        # NOTE: a bucket is gathered when any of its parameters requires grad now. requires_grad is
-        # set by model code, the same on every rank, so every rank enters the same collectives;
-        # buckets of frozen parameters cost no communication until they are unfrozen.
-        active = [any(self._params[i].requires_grad for i in b.param_indices) for b in self._buckets]
-        has_work = self._attach_grads(active, has_grad)
-        per_bucket = self._steps_per_bucket()
-        groups = self.optim.param_groups
-        saved = [g["params"] for g in groups]
-        pending: list[PendingGather] = []
-        batched: list[tuple[torch.Tensor, tuple[int, ...]]] = []
-        try:
-            if not per_bucket and any(has_work):
-                self._local_step_(step_kwargs, [b for b, work in enumerate(has_work) if work])
-            for b, bucket in enumerate(self._buckets):
-                if per_bucket and has_work[b]:
-                    for group_index, group in enumerate(groups):
-                        group["params"] = bucket.group_to_locals.get(group_index, [])
-                    self._local_step_(step_kwargs, [b])
-                if not active[b]:
-                    continue
-                if self._comm.gathers_synchronously(bucket.buffer.device):
-                    batched.append((bucket.buffer, bucket.bounds))  # no overlap to gain: one round
-                else:
-                    what = f"parameter gather (bucket {b})"
-                    pending.append(self._comm.gather_bucket_async(bucket.buffer, bucket.bounds, what=what))
-        finally:
-            for group, plist in zip(groups, saved):
-                group["params"] = plist
-            for piece in self._pieces:
-                piece.local.grad = None
-        if batched:
-            self._comm.gather_buckets_(batched, what="parameter gather")
-        for handle in pending:
-            handle.wait()
-        self._storage.copy_out_(
-            self._params, [i for b, bucket in enumerate(self._buckets) if active[b] for i in bucket.param_indices]
-        )
-
-    def _local_step_(self, step_kwargs: dict[str, Any], buckets: list[int]) -> None:
-        """Run the base optimizer's step over its current groups; keep and write back `buckets`' masters.
-
-        Collective for classes other than torch.optim's own (an agreement on the outcome, so a
-        step that fails on one rank raises on every rank instead of leaving them in the gather).
-        """
-        self._run_base_step(step_kwargs)
-        with_masters = [b for b in buckets if self._masters.has(b)]
-        for b in with_masters:
-            self._keep_master_in_state(self._buckets[b])
-        self._masters.write_back_(with_masters)
-
-    def _run_base_step(self, step_kwargs: dict[str, Any]) -> Any:
-        """Run the base step (under rank 0's random state when it draws); agree on failure.
-
-        Collective for classes other than torch.optim's own: call on every rank, in the same order.
-        """
-        failure: Exception | None = None
-        result = None
-        try:
-            with rank0_rng(self._comm, self._devices()) if self._uses_rng else contextlib.nullcontext():
-                result = self.optim.step(**step_kwargs)
-        except Exception as err:
-            if isinstance(self.optim, _TORCH_STEPWISE):
-                raise
-            failure = RuntimeError(
-                f"{self._comm.prefix}{self._optimizer_class.__name__}.step() failed on this rank's part of param "
-                f"groups 0-{len(self.param_groups) - 1}: {type(err).__name__}: {err}"
-            )
-            failure.__cause__ = err
-        if not isinstance(self.optim, _TORCH_STEPWISE):
-            self._comm.raise_if_any_failed(failure, what=f"{self._optimizer_class.__name__}.step()")
-        return result
-
-    def _devices(self) -> list[torch.device]:
-        return sorted({p.device for p in self._params}, key=str)
-
-    def _step_replicated(self, closure: Callable[[], float] | None, kwargs: dict[str, Any]) -> Any:
-        """Step the unsharded base optimizer on every rank (kind "replicated"; see shardoptim.replicated).
-
-        Collective: call on every rank of the group, in the same order.
-        """
-        through = closure is not None and _takes_closure(self.optim)
-        if through and self.config.skip_nonfinite:
-            raise ValueError(
-                f"skip_nonfinite=True needs the gradients before the step, but {self._optimizer_class.__name__} "
-                "evaluates the closure inside its step; compute the loss and backward before opt.step() instead"
-            )
-        loss = None
-        if closure is not None and not through:
-            with torch.enable_grad():
-                loss = closure()
-        self._consolidated = None
-        self._consolidated_to = None
-        flags = self._grads.local_flags(check_nonfinite=self.config.skip_nonfinite)
-        rank_to_flags = self._hparams.sync_(self.param_groups, extra=flags)
-        copy_hparams_(self.param_groups, self.optim.param_groups)
-        _, nonfinite = self._grads.merge_flags(rank_to_flags)
-        self.last_step_skipped = nonfinite
-        if nonfinite:
-            self.num_skipped_steps += 1
-            return loss
-        if through:
-            kwargs = {**kwargs, "closure": closure}
-        pushed = snapshot_hparams(self.optim.param_groups)
-        result = self._run_base_step(kwargs)
-        flow_back_hparams_(self.optim.param_groups, self.param_groups, pushed)
-        self._has_state = True
-        self._num_steps += 1
-        if self.config.verify_every and self._num_steps % self.config.verify_every == 0:
-            self.verify_replicas()
-        return result if through else loss
-
-    def _keep_master_in_state(self, bucket: Bucket) -> None:
-        """Expose each just-stepped master piece as state[MASTER_KEY], so checkpoints carry it.
-
-        Only pieces that had a gradient: their state is initialised by now, so the extra key
-        cannot make a lazily initialising optimizer skip its own initialisation.
-        """
-        for locals_ in bucket.group_to_locals.values():
-            for local in locals_:
-                if local.grad is not None:
-                    self.optim.state[local].setdefault(MASTER_KEY, local)
-
-
-#: torch.optim's own classes: their step has no per-call side effects beyond per-parameter state.
-_TORCH_STEPWISE = (
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.Adamax,
-    torch.optim.Adagrad,
-    torch.optim.Adadelta,
-    torch.optim.RMSprop,
-    torch.optim.Rprop,
-    torch.optim.ASGD,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-)
-
-
-def _takes_closure(optim: Optimizer) -> bool:
+def _class_default(optimizer_class: type[Optimizer], name: str) -> Any:
     try:
-        return "closure" in inspect.signature(optim.step).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-class _CachedLoss:
-    """The closure handed to a base step: returns the loss the wrapper already computed, once.
-
-    A base class that calls the closure more than once per step expects it to re-evaluate the
-    model at new weights, which a cached loss cannot do: refuse instead of computing garbage.
-    """
-
-    def __init__(self, loss: Any) -> None:
-        self._loss = loss
-        self._calls = 0
-
-    def __call__(self) -> Any:
-        self._calls += 1
-        if self._calls > 1:
-            raise RuntimeError(
-                "the base optimizer called the closure more than once in one step (it re-evaluates the model "
-                "at perturbed weights, as SAM-like optimizers do), which ShardedOptimizer cannot do exactly: "
-                "each rank holds only its shard of the update. Use this optimizer without ShardedOptimizer"
-            )
-        return self._loss
+        default = inspect.signature(optimizer_class.__init__).parameters[name].default
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None if default is inspect.Parameter.empty else default
 
 
 def _nbytes(value: object) -> int:

@@ -156,14 +156,13 @@ def _move(
 def groups_with_indices(opt: ShardedOptimizer) -> list[dict[str, Any]]:
     """Return the param groups as a torch.optim state_dict holds them: options and parameter indices.
 
-    Implementation flags that the wrapper chose itself (fused/foreach) are left out, so a plain
-    optimizer that loads the checkpoint keeps its own choice.
+    Implementation flags that the wrapper chose itself (fused/foreach) are saved with the class's
+    default value, as the user's own unsharded optimizer would have saved them.
     """
     groups, next_index = [], 0
     for group in opt.param_groups:
-        saved = {
-            k: copy.deepcopy(v) for k, v in group.items() if k != "params" and k not in opt.injected_flags
-        }
+        saved = {k: copy.deepcopy(v) for k, v in group.items() if k != "params"}
+        saved.update(opt.injected_flags)
         saved["params"] = list(range(next_index, next_index + len(group["params"])))
         next_index += len(group["params"])
         groups.append(saved)
@@ -270,12 +269,25 @@ def load_pieces(
                 local_state[local_index] = dict(values)
             indices.append(local_index)
             local_index += 1
-        options = {k: copy.deepcopy(v) for k, v in saved.items() if k not in STRUCTURE_KEYS}
+        options = _options(opt, saved)
         local_groups.append({**options, "params": indices})
     opt.optim.load_state_dict({"state": local_state, "param_groups": local_groups})
     _restore_masters(opt)
     for saved, group in zip(saved_groups, opt.param_groups):
-        group.update({k: copy.deepcopy(v) for k, v in saved.items() if k not in STRUCTURE_KEYS})
+        group.update(_options(opt, saved))
+
+
+def _options(opt: ShardedOptimizer, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a saved group's options, less implementation flags left at the class default.
+
+    A saved fused=None (nobody chose) keeps the kernel this optimizer picked; an explicit
+    choice in the checkpoint is taken.
+    """
+    return {
+        k: copy.deepcopy(v)
+        for k, v in saved.items()
+        if k not in STRUCTURE_KEYS and not (k in opt.injected_flags and v == opt.injected_flags[k])
+    }
 
 
 def _restore_masters(opt: ShardedOptimizer) -> None:
