@@ -584,7 +584,7 @@ def _write_png(
         (f"{n} ranks", [[by_name[name][key] for key in MEMORY_KEYS] for name in names])
         for n, by_name in world_size_to_summary.items()
     ]
-    stacked_bar_chart(
+    written = stacked_bar_chart(
         path,
         panels,
         series=MEMORY_KEYS,
@@ -592,7 +592,8 @@ def _write_png(
         names=names,
         y_label="MiB per rank (max)",
     )
-    print(f"wrote {path}")
+    if written:
+        print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

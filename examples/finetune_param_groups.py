@@ -23,7 +23,6 @@ Run from the repository root after `pip install -e .`; OMP_NUM_THREADS=1 on CPU:
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 from collections.abc import Callable
 from typing import Any
@@ -202,10 +201,6 @@ def main() -> None:
                 )
     if rank == 0:
         print(f"val accuracy: {first_acc:.3f} -> {acc:.3f} ({CLASSES} classes)")
-    # NOTE: release DDP's reducer before the process group is destroyed; torch 2.13 can otherwise
-    # hang or abort in its gloo teardown at interpreter exit.
-    del net
-    gc.collect()
     dist.destroy_process_group()
 
 

@@ -11,11 +11,12 @@ Trains a tiny causal transformer on synthetic sequences (x[t] = x[t-1] + x[t-2] 
 Run from the repository root (after `pip install -e .`, or with PYTHONPATH=. in front):
     python examples/muon_adamw.py                                      # one process
     torchrun --standalone --nproc-per-node 2 examples/muon_adamw.py    # 2 ranks, gloo
+    python examples/muon_adamw.py --steps 10 --log-every 5             # a shorter run
 """
 
 from __future__ import annotations
 
-import gc
+import argparse
 import os
 import time
 
@@ -27,7 +28,7 @@ from torch import nn
 from shardoptim import ShardedOptimizer
 
 VOCAB, DIM, HEADS, SEQ, LAYERS = 32, 64, 4, 24, 2
-BATCH, STEPS, LOG_EVERY = 32, 60, 10
+BATCH = 32
 
 
 class Block(nn.Module):
@@ -74,6 +75,10 @@ def batch(step: int, rank: int) -> torch.Tensor:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    parser.add_argument("--log-every", type=int, default=10, help="print the loss every this many steps")
+    args = parser.parse_args()
     distributed = "RANK" in os.environ  # set by torchrun
     if distributed:
         dist.init_process_group("gloo")
@@ -95,7 +100,7 @@ def main() -> None:
         print(f"{world_size} rank(s); Muon sharding={muon.sharding}, AdamW sharding={adamw.sharding}")
 
     start = time.perf_counter()
-    for step in range(STEPS):
+    for step in range(args.steps):
         seq = batch(step, rank)
         logits = net(seq[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, VOCAB), seq[:, 1:].reshape(-1))
@@ -104,7 +109,7 @@ def main() -> None:
         loss.backward()
         muon.step()
         adamw.step()
-        if step % LOG_EVERY == 0 or step == STEPS - 1:
+        if step % args.log_every == 0 or step == args.steps - 1:
             mean_loss = loss.detach().clone()
             if distributed:
                 dist.all_reduce(mean_loss)
@@ -118,13 +123,9 @@ def main() -> None:
         per_rank = [None] * world_size
         dist.all_gather_object(per_rank, mine)
     if rank == 0:
-        print(f"{STEPS} steps in {time.perf_counter() - start:.1f} s")
+        print(f"{args.steps} steps in {time.perf_counter() - start:.1f} s")
         for r, (muon_bytes, adamw_bytes) in enumerate(per_rank):
             print(f"rank {r}: optimizer state  Muon {muon_bytes:,} B  AdamW {adamw_bytes:,} B")
-    # NOTE: release DDP's reducer before the process group is destroyed; torch 2.13 can otherwise
-    # hang or abort in its gloo teardown at interpreter exit.
-    del net
-    gc.collect()
     if distributed:
         dist.destroy_process_group()
 

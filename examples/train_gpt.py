@@ -9,9 +9,10 @@ tied output head), wrapped in DistributedDataParallel when there is more than on
 with plain torch, one line differs: the optimizer.
 
 At the end rank 0 saves a consolidated checkpoint (model, optimizer in torch's own AdamW format,
-scheduler, step) atomically to --out, draws the loss curve to --plot as a PNG and prints the
-optimizer-state memory of every rank next to what an unsharded AdamW holds. `--resume` loads the
-checkpoint on every rank, at any world size, and continues until --steps.
+scheduler, step) atomically to --out and prints the optimizer-state memory of every rank next to
+what an unsharded AdamW holds; with matplotlib installed (`pip install shardoptim[examples]`) it
+also draws both, the loss per step and the memory per rank, to --plot as a PNG. `--resume` loads
+the checkpoint on every rank, at any world size, and continues until --steps.
 
 Run from the repository root after `pip install -e .` (or run `bash examples/demo.sh`, which sets
 everything up and starts 2 CPU ranks). Use OMP_NUM_THREADS=1 on CPU: one thread per rank.
@@ -34,13 +35,13 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from _png import line_chart
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -75,7 +76,12 @@ def parse_args() -> argparse.Namespace:
     add("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     add("--log-every", type=int, default=10, help="progress line every N steps (default 10)")
     add("--out", type=Path, default=Path("out/gpt_ckpt.pt"), help="checkpoint file (default out/gpt_ckpt.pt)")
-    add("--plot", type=Path, default=Path("out/loss.png"), help="loss curve PNG (default out/loss.png)")
+    add(
+        "--plot",
+        type=Path,
+        default=Path("out/loss.png"),
+        help="PNG of the loss and of the memory per rank, needs matplotlib (default out/loss.png)",
+    )
     add("--resume", action="store_true", help="load --out on every rank and continue from its step")
     add(
         "--stage",
@@ -244,30 +250,101 @@ def resolve_config(args: argparse.Namespace, checkpoint: dict[str, Any] | None) 
     return config
 
 
-def print_memory_table(opt: ShardedOptimizer, model: nn.Module, device: torch.device) -> None:
-    """Print every rank's optimizer-state bytes next to what unsharded AdamW would hold (rank 0 prints).
+def gather_memory(opt: ShardedOptimizer, model: nn.Module, device: torch.device) -> tuple[list[int], int]:
+    """Return every rank's optimizer-state bytes and what unsharded AdamW holds on each rank.
 
-    Collective: call on every rank, in the same order.
+    Collective: call on every rank, in the same order. Every rank gets the same lists.
     """
     sizes = opt.memory_nbytes()
     rank_to_nbytes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(opt.world_size)]
     dist.all_gather(rank_to_nbytes, torch.tensor([sizes["state"] + sizes["master"]], device=device))
-    if opt.rank != 0:
-        return
     # torch.optim.AdamW on every rank: exp_avg and exp_avg_sq shaped like each parameter (8 bytes per
     # fp32 element) plus one 4-byte float32 `step` tensor per parameter; with bf16 weights, an fp32
     # master copy and fp32 moments (12 bytes per element).
     params = [p for p in model.parameters() if p.requires_grad]
     per_element = 12 if sizes["master"] else None
     unsharded = sum((per_element or 2 * p.element_size()) * p.numel() + 4 for p in params)
-    numel = sum(p.numel() for p in params)
-    what = "exp_avg, exp_avg_sq, step, fp32 master" if sizes["master"] else "exp_avg, exp_avg_sq, step"
+    return [int(t.item()) for t in rank_to_nbytes], unsharded
+
+
+def print_memory_table(rank_to_nbytes: Sequence[int], unsharded: int, *, numel: int, master: bool) -> None:
+    """Print every rank's optimizer-state bytes next to what unsharded AdamW would hold."""
+    what = "exp_avg, exp_avg_sq, step, fp32 master" if master else "exp_avg, exp_avg_sq, step"
     print(f"optimizer state per rank: AdamW ({what}) for {numel:,} parameters")
     print(f"{'rank':>6}  {'sharded':>12}  {'unsharded':>12}  {'ratio':>6}")
-    for r, nbytes in enumerate(int(t.item()) for t in rank_to_nbytes):
+    for r, nbytes in enumerate(rank_to_nbytes):
         print(f"{r:>6}  {mib(nbytes):>12}  {mib(unsharded):>12}  {nbytes / unsharded:>6.3f}")
-    total = sum(int(t.item()) for t in rank_to_nbytes)
-    print(f"{'total':>6}  {mib(total):>12}  {mib(unsharded * opt.world_size):>12}")
+    print(f"{'total':>6}  {mib(sum(rank_to_nbytes)):>12}  {mib(unsharded * len(rank_to_nbytes)):>12}")
+
+
+# ------------------------------------------------------------------------------------------ plot
+
+
+def plot_run(
+    path: Path,
+    losses: Sequence[float],
+    *,
+    floor: float,
+    resumed_at: Sequence[int],
+    rank_to_nbytes: Sequence[int],
+    unsharded: int,
+    title: str,
+) -> bool:
+    """Draw the loss per step and the optimizer memory per rank side by side into a 640x400 RGB PNG.
+
+    The loss panel marks the data's entropy floor and every step a run was resumed at; the memory
+    panel puts each rank's sharded optimizer state next to what unsharded AdamW holds per rank.
+    Written to `<path>.tmp`, then renamed. Returns False, after printing one line saying how to
+    install it, when matplotlib is missing.
+    """
+    try:
+        import numpy as np
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display needed
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+        from PIL import Image  # a dependency of matplotlib
+    except ImportError:
+        print(f"skipped the plot {path}: matplotlib is not installed (pip install shardoptim[examples])")
+        return False
+    fig = Figure(figsize=(6.4, 4.0), dpi=100, layout="constrained")
+    canvas = FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=9)
+    loss_ax, mem_ax = fig.subplots(1, 2, width_ratios=(3, 2))
+
+    loss_ax.plot(range(1, len(losses) + 1), losses, color="tab:blue", linewidth=1.2, label="loss")
+    loss_ax.axhline(floor, color="black", linestyle="--", linewidth=0.9, label=f"floor {floor:.3f} (entropy)")
+    for i, step in enumerate(resumed_at):
+        label = "resumed at " + ", ".join(str(s) for s in resumed_at) if i == 0 else None
+        loss_ax.axvline(step, color="tab:orange", linestyle=":", linewidth=1.5, label=label)
+    loss_ax.set_ylim(bottom=max(0.0, math.floor((floor - 0.05) * 2) / 2))  # a tick at or below the floor
+    loss_ax.set_xlim(0, max(len(losses), 1))
+    loss_ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 2.5
+    loss_ax.set_xlabel("step", fontsize=8)
+    loss_ax.set_ylabel("cross-entropy (nats / token, mean over ranks)", fontsize=8)
+    loss_ax.grid(alpha=0.3)
+    loss_ax.legend(fontsize=7, loc="upper right")
+
+    values = [n / 2**20 for n in rank_to_nbytes] + [unsharded / 2**20]
+    names = [str(r) for r in range(len(rank_to_nbytes))] + ["unsharded"]
+    colors = ["tab:blue"] * len(rank_to_nbytes) + ["tab:gray"]
+    bars = mem_ax.bar(range(len(values)), values, color=colors)
+    if len(values) <= 9:
+        mem_ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    mem_ax.set_xticks(range(len(values)), names, fontsize=7)
+    mem_ax.set_xlabel("rank (sharded) vs unsharded AdamW", fontsize=8)
+    mem_ax.set_ylabel("optimizer state per rank (MiB)", fontsize=8)
+    mem_ax.set_ylim(top=max(values) * 1.15)
+    mem_ax.grid(axis="y", alpha=0.3)
+    for ax in (loss_ax, mem_ax):
+        ax.tick_params(labelsize=7)
+
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3]  # opaque white background: alpha carries nothing
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(rgb).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return True
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -308,12 +385,13 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=args.lr, total_steps=total_steps, pct_start=warmup
     )
-    start_step, losses = 0, []
+    start_step, losses, resumed_at = 0, [], []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])  # copies into the optimizer's flat buffers in place
         opt.load_state_dict(checkpoint["optimizer"])  # each rank keeps what it owns at this world size
         sched.load_state_dict(checkpoint["scheduler"])
         start_step, losses = checkpoint["step"], list(checkpoint["losses"])
+        resumed_at = [*checkpoint.get("resumed_at", []), start_step]  # marked on the plot
         del checkpoint
     net: nn.Module = model
     if world_size > 1 and args.stage == 1:  # at stage 2 the optimizer's backward hooks reduce the gradients
@@ -365,16 +443,30 @@ def main() -> None:
     elapsed = time.perf_counter() - start
 
     opt.consolidate_state_dict(to=0)  # collective: every rank sends its shard to rank 0
+    rank_to_nbytes, unsharded = gather_memory(opt, model, device)  # collective
     if rank == 0:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
-        save_atomic({**state, "step": end_step, "config": config, "losses": losses}, args.out)
-        line_chart(args.plot, losses, reference=floor)
-    print_memory_table(opt, model, device)
-    if rank == 0:
-        done = end_step - start_step
-        print(
-            f"{done} steps in {elapsed:.1f} s ({done / elapsed:.1f} step/s); saved {args.out} and {args.plot}"
+        extra = {"step": end_step, "config": config, "losses": losses, "resumed_at": resumed_at}
+        save_atomic({**state, **extra}, args.out)
+        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print_memory_table(rank_to_nbytes, unsharded, numel=numel, master=args.bf16)
+        title = (
+            f"train_gpt.py: {world_size} rank(s) ({info.launcher}, {info.backend}, {device.type}), "
+            f"ZeRO stage {args.stage}, {'bf16 + fp32 master' if args.bf16 else 'fp32'}\n"
+            f"{numel / 1e6:.2f}M parameters, batch {args.batch} x {config['seq']}, step {end_step} of {total_steps}"
         )
+        plotted = plot_run(
+            args.plot,
+            losses,
+            floor=floor,
+            resumed_at=resumed_at,
+            rank_to_nbytes=rank_to_nbytes,
+            unsharded=unsharded,
+            title=title,
+        )
+        done = end_step - start_step
+        saved = f"{args.out} and {args.plot}" if plotted else f"{args.out}"
+        print(f"{done} steps in {elapsed:.1f} s ({done / elapsed:.1f} step/s); saved {saved}")
         print(f"loss: first {losses[0]:.4f} -> final {losses[-1]:.4f}")
     # NOTE: release DDP's reducer before the process group is destroyed; torch 2.13 can otherwise
     # hang or abort in its gloo teardown at interpreter exit.

@@ -5,12 +5,17 @@ Public API only; see README.md.
 
 from __future__ import annotations
 
-from shardoptim import checkpoint  # a module: shardoptim.checkpoint.save/load
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from shardoptim.amp import ShardedGradScaler
 from shardoptim.hparams import all_reduce_metric
 from shardoptim.kinds import register_elementwise, register_per_tensor
 from shardoptim.launcher import DistInfo, init_distributed
 from shardoptim.optimizer import DEFAULT_BUCKET_NUMEL, ShardedOptimizer
+
+if TYPE_CHECKING:
+    from shardoptim import checkpoint  # a module: shardoptim.checkpoint.save/load
 
 __all__ = [
     "DEFAULT_BUCKET_NUMEL",
@@ -24,3 +29,11 @@ __all__ = [
     "register_per_tensor",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # NOTE: shardoptim.checkpoint is imported on first use, so that `python -m shardoptim.checkpoint`
+    # does not find it already imported (runpy warns then).
+    if name == "checkpoint":
+        return importlib.import_module("shardoptim.checkpoint")
+    raise AttributeError(f"module 'shardoptim' has no attribute {name!r}")

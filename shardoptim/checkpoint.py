@@ -187,12 +187,15 @@ def save(
         shutil.rmtree(partial)
     comm.barrier(what="checkpoint.save (start)")
     try:
-        dcp_save(
-            tensors,
-            checkpoint_id=str(partial),
-            process_group=comm.group,
-            no_dist=not comm.is_distributed or comm.world_size == 1,
-        )
+        with warnings.catch_warnings():
+            # NOTE: at world size 1 DCP warns that torch.distributed is disabled: that is the point.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_save(
+                tensors,
+                checkpoint_id=str(partial),
+                process_group=comm.group,
+                no_dist=not comm.is_distributed or comm.world_size == 1,
+            )
     except (Exception, CheckpointException) as err:  # NOTE: CheckpointException is a BaseException
         raise RuntimeError(
             f"{comm.prefix}checkpoint.save (writing {partial}) failed: {err}. A peer rank may have died; "

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import statistics
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Literal
@@ -22,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from shardoptim.shm import SharedStaging, same_host
+from shardoptim.teardown import hold_until_exit
 
 if TYPE_CHECKING:
     from shardoptim.mpi_comm import MpiCollectives
@@ -108,6 +112,31 @@ class PendingReduce:
         return self._out
 
 
+_warned_unsharded = False
+
+
+def _warn_if_launched_unsharded() -> None:
+    """Warn once per process when a launcher set WORLD_SIZE > 1 but no process group exists.
+
+    The warning points at the first caller outside this package (the user's ShardedOptimizer(...)).
+    """
+    global _warned_unsharded
+    raw = os.environ.get("WORLD_SIZE", "")
+    if _warned_unsharded or not raw.strip().isdigit() or int(raw) <= 1:
+        return
+    _warned_unsharded = True
+    package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, stacklevel = sys._getframe(0), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(
+        f"WORLD_SIZE={int(raw)} is set but torch.distributed is not initialised, so the optimizer is not "
+        "sharded: every process runs alone at world size 1 with the full optimizer state; call "
+        "shardoptim.init_distributed() (or torch.distributed.init_process_group) before building it",
+        stacklevel=stacklevel,
+    )
+
+
 class Comm:
     """The shard group: this rank, the world size, and the collectives used on it.
 
@@ -142,8 +171,11 @@ class Comm:
                     f"this process (global rank {dist.get_rank()}) is not a member of the given "
                     "process_group; build the optimizer only on the group's ranks"
                 )
+            # NOTE: so the group is never destroyed where its gloo workers cannot finish (see teardown.py).
+            hold_until_exit(group)
         else:
             self.rank, self.world_size, self.backend = 0, 1, "none"
+            _warn_if_launched_unsharded()
         self.timeout = timeout
         #: None until the first bucket gather picks one (that choice is a collective).
         self.gather_method: GatherMethod | None = None if self.backend == "gloo" else "all_gather"

@@ -59,10 +59,11 @@ def total_norm(
     grads = [g for g in owned if g.numel()]
     partial = torch.zeros((), dtype=dtype, device=device)
     if grads:
+        # NOTE: either list may be empty (all-bf16 grads at stage 1, say), and the foreach kernel
+        # refuses an empty list, so each one is normed only when it has members.
+        wide = [g for g in grads if g.dtype in (torch.float32, torch.float64)]
         low = [g for g in grads if g.dtype not in (torch.float32, torch.float64)]
-        norms = list(
-            torch._foreach_norm([g for g in grads if g.dtype in (torch.float32, torch.float64)], norm_type)
-        )
+        norms: list[torch.Tensor] = list(torch._foreach_norm(wide, norm_type)) if wide else []
         if low:
             norms += list(torch._foreach_norm(low, norm_type, dtype=torch.float32))
         partial = torch.linalg.vector_norm(

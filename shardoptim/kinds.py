@@ -4,6 +4,8 @@
 - "tensor": the update looks at whole tensors (factored moments, orthogonalisation, trust ratios,
   sparse rows), so each parameter must be owned whole by one rank.
 - "lbfgs": torch.optim.LBFGS, which needs global reductions (see shardoptim.lbfgs).
+- "replicated": every rank runs the class over the full tensors with full state (correct, not
+  sharded): for classes that couple tensors or draw random numbers (see `kind_from_verdict`).
 
 Unknown classes are "tensor": always correct, still sharded. Users declare their own classes with
 `register_elementwise` or `register_per_tensor`. Also resolves the fused/foreach implementation
@@ -21,12 +23,13 @@ import torch
 from torch.optim import Optimizer
 
 from shardoptim.layout import muon_cost
+from shardoptim.probe import ProbeVerdict
 
 logger = logging.getLogger(__name__)
 
 Sharding = Literal["auto", "flat", "tensor"]
 SHARDING_MODES: tuple[Sharding, ...] = ("auto", "flat", "tensor")
-Kind = Literal["flat", "tensor", "lbfgs"]
+Kind = Literal["flat", "tensor", "lbfgs", "replicated"]
 
 #: Cost of updating one whole tensor, from its shape (used to balance whole-tensor ownership).
 CostFn = Callable[[torch.Size], float]
@@ -87,11 +90,31 @@ def register_per_tensor(optimizer_class: type[Optimizer], *, cost: CostFn | None
 
 
 def _check_class(optimizer_class: object) -> None:
-    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)):
+    """Raise TypeError unless `optimizer_class` is a torch.optim.Optimizer subclass.
+
+    The message names what was passed without its repr: an optimizer instance's repr lists every
+    option of every group.
+    """
+    if isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer):
+        return
+    if isinstance(optimizer_class, Optimizer):
+        name = type(optimizer_class).__name__
+        module = type(optimizer_class).__module__
+        qualified = f"torch.optim.{name}" if module.startswith("torch.optim") else name
         raise TypeError(
-            f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}; pass the "
-            "class itself (e.g. torch.optim.AdamW), not an instance"
+            f"optimizer_class must be a torch.optim.Optimizer subclass (the class, not an instance), got an "
+            f"instance of {name}; pass the class itself: ShardedOptimizer(params, {qualified}, lr=...)"
         )
+    if isinstance(optimizer_class, type):
+        got = f"the class {optimizer_class.__qualname__}"
+    elif isinstance(optimizer_class, str) and len(optimizer_class) <= 40:
+        got = f"the string {optimizer_class!r}"
+    else:
+        got = f"an object of type {type(optimizer_class).__name__}"
+    raise TypeError(
+        f"optimizer_class must be a torch.optim.Optimizer subclass, got {got}; pass an optimizer class, "
+        "e.g. ShardedOptimizer(params, torch.optim.AdamW, lr=...)"
+    )
 
 
 def resolve_kind(optimizer_class: type[Optimizer], sharding: str) -> Kind:
@@ -145,7 +168,14 @@ _FUSED_DEVICE_TYPES: dict[type[Optimizer], frozenset[str]] = {torch.optim.Adagra
 def _fused_supported(optimizer_class: type[Optimizer], params: Iterable[torch.Tensor]) -> bool:
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+    params = list(params)
     devices = _FUSED_DEVICE_TYPES.get(optimizer_class, frozenset(_get_fused_kernels_supported_devices()))
+    if optimizer_class is torch.optim.SGD and any(
+        p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16) for p in params
+    ):
+        # NOTE: torch 2.12-2.13's CPU fused SGD updates only the last numel % 16 elements of
+        # bf16/fp16 tensors (pytorch/pytorch#191763): silently wrong, so foreach is used there.
+        return False
     return all(p.device.type in devices and torch.is_floating_point(p) for p in params)
 
 
@@ -154,7 +184,7 @@ def resolve_impl_flags(
     defaults: Mapping[str, Any],
     groups: Iterable[Mapping[str, Any]],
 ) -> dict[str, Any]:
-    """Return `defaults` plus fused=True or foreach=True when the user chose neither.
+    """Return `defaults` plus fused=True or foreach=True when the user chose neither (torch.optim only).
 
     fused is picked when the class takes it and every parameter has a floating dtype on a device
     with fused kernels (on CPU fused AdamW is about 5x faster than foreach); else foreach when the
@@ -166,9 +196,50 @@ def resolve_impl_flags(
     chosen = chosen or any(g.get(k) is not None for g in groups for k in ("fused", "foreach"))
     if chosen or out.get("differentiable"):
         return out
+    if not optimizer_class.__module__.startswith("torch.optim"):
+        return out  # NOTE: a third-party class's own default may compute something else (AdaMuon)
     params = [p for g in groups for p in g["params"]]
     if _accepts(optimizer_class, "fused") and _fused_supported(optimizer_class, params):
         out["fused"] = True
     elif _accepts(optimizer_class, "foreach"):
         out["foreach"] = True
     return out
+
+
+def kind_from_verdict(verdict: ProbeVerdict) -> Kind:
+    """Return the layout for a class from what `shardoptim.probe.probe_update_kind` found out.
+
+    "flat" for an elementwise update, "tensor" for a per-tensor one, and "replicated" (every rank
+    runs the class over the full tensors) whenever sharding could change the result: the update
+    couples tensors ("global"), draws global random numbers (each rank would draw for its own part
+    only, and the user's generator would drift apart across ranks), reads `requires_grad` (the
+    local pieces do not require grad), moves the parameters before it calls the closure (the
+    closure would see the user's unmoved parameters, not the pieces), or the probe could not run
+    the class ("unknown": nothing shows that its tensors are independent). The registries
+    (`register_elementwise`, `register_per_tensor`, torch's own classes) take precedence.
+    """
+    if verdict.update in ("global", "unknown") or verdict.uses_rng or verdict.reads_requires_grad:
+        return "replicated"
+    if verdict.moves_params_before_closure:
+        return "replicated"
+    if verdict.update == "elementwise":
+        return "flat"
+    return "tensor"
+
+
+def kind_from_verdicts(verdicts: Iterable[ProbeVerdict]) -> Kind:
+    """Return the most restrictive layout over several verdicts (e.g. one per distinct param group).
+
+    "replicated" over "tensor" over "flat"; "flat" when `verdicts` is empty.
+    """
+    order: tuple[Kind, ...] = ("flat", "tensor", "replicated")
+    return max((kind_from_verdict(v) for v in verdicts), key=order.index, default="flat")
+
+
+def is_registered(optimizer_class: type[Optimizer]) -> bool:
+    """Return whether the kind of `optimizer_class` is known without probing it."""
+    return (
+        optimizer_class in _ELEMENTWISE
+        or optimizer_class in _PER_TENSOR
+        or optimizer_class is torch.optim.LBFGS
+    )
