@@ -115,6 +115,33 @@ def llama_1b() -> list[Shape]:
     return shapes
 
 
+def llama_8b() -> list[Shape]:
+    """Return Llama-3.1-8B shapes as Hugging Face LlamaForCausalLM lists them.
+
+    Vocabulary 128256, hidden 4096, 32 layers, 32 query heads and 8 key/value heads of dimension
+    128 (k_proj and v_proj are 1024x4096), SwiGLU intermediate 14336, RMSNorm weights without bias.
+    The embedding is not tied (`tie_word_embeddings=False`), so lm_head comes last, after the
+    final norm.
+    """
+    vocab, hidden, kv, inter = 128256, 4096, 1024, 14336
+    shapes: list[Shape] = [(vocab, hidden)]  # model.embed_tokens.weight
+    for _ in range(32):
+        shapes += [
+            (hidden, hidden),  # self_attn.q_proj.weight
+            (kv, hidden),  # self_attn.k_proj.weight
+            (kv, hidden),  # self_attn.v_proj.weight
+            (hidden, hidden),  # self_attn.o_proj.weight
+            (inter, hidden),  # mlp.gate_proj.weight
+            (inter, hidden),  # mlp.up_proj.weight
+            (hidden, inter),  # mlp.down_proj.weight
+            (hidden,),  # input_layernorm.weight
+            (hidden,),  # post_attention_layernorm.weight
+        ]
+    shapes.append((hidden,))  # model.norm.weight
+    shapes.append((vocab, hidden))  # lm_head.weight
+    return shapes
+
+
 def resnet50() -> list[Shape]:
     """Return ResNet-50 shapes as torchvision.models.resnet50 lists them.
 
@@ -149,6 +176,7 @@ MODELS: dict[str, Callable[[], list[Shape]]] = {
     "gpt2-medium": gpt2_medium,
     "bert-base": bert_base,
     "llama-3.2-1b": llama_1b,
+    "llama-3.1-8b": llama_8b,
     "resnet50": resnet50,
 }
 """Model name -> function returning its parameter shapes, in the order the benchmarks print them."""
@@ -158,6 +186,7 @@ KNOWN_NUMEL: dict[str, int] = {
     "gpt2-medium": 354_823_168,
     "bert-base": 109_482_240,
     "llama-3.2-1b": 1_235_814_400,
+    "llama-3.1-8b": 8_030_261_248,
     "resnet50": 25_557_032,
 }
 """Published parameter counts (Hugging Face / torchvision), tied weights counted once."""

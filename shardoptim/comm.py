@@ -546,6 +546,11 @@ class Comm:
             if failure is not None:
                 raise failure
             return
+        # NOTE: a one-element flag first: the object gather (N unpickles) only runs after a failure.
+        flag = torch.tensor([0.0 if failure is None else 1.0], device=self.device)
+        self.all_reduce_(flag, op="max", what=what)
+        if not bool(flag.item()):
+            return
         mine = None if failure is None else f"{type(failure).__name__}: {failure}"
         messages = self.all_gather_object(mine, what=what)
         if failure is not None:

@@ -143,18 +143,24 @@ class BucketLayout:
 
     def local_slices(self, rank: int, *, bucket: int = 0) -> list[LocalSlice]:
         """Return, in placement order, the parts of parameters that fall in rank's range."""
-        mine = self.shard(rank)
+        if not 0 <= rank < self.num_shards:
+            raise ValueError(f"rank {rank} is outside [0, {self.num_shards})")
+        # NOTE: int arithmetic, no ShardRange until a placement overlaps: callers ask for every
+        # rank of thousands (benchmarks/scale_sim.py), and most placements miss most ranges.
+        lo, hi = self.bounds[rank], self.bounds[rank + 1]
         out = []
         for placement in self.placements:
-            overlap = placement.range_global.intersect(mine)
-            if overlap is None:
+            start_global = placement.start_global
+            start = max(start_global, lo)
+            end = min(start_global + placement.numel, hi)
+            if start >= end:
                 continue
             out.append(
                 LocalSlice(
                     index=placement.index,
                     bucket=bucket,
-                    in_param=overlap.shift(-placement.start_global),
-                    start_global=overlap.start,
+                    in_param=ShardRange(start - start_global, end - start_global),
+                    start_global=start,
                     numel_param=placement.numel,
                 )
             )
@@ -162,12 +168,16 @@ class BucketLayout:
 
     def rank_to_numel(self) -> list[int]:
         """Return the parameter elements (padding excluded) inside each rank's range."""
+        # NOTE: plain int arithmetic, no ShardRange per (placement, rank): at thousands of ranks a
+        # large tensor touches thousands of ranges (benchmarks/scale_sim.py).
         counts = [0] * self.num_shards
+        bounds = self.bounds
         for placement in self.placements:
+            start, end = placement.start_global, placement.start_global + placement.numel
             for rank in self._ranks_touching(placement):
-                overlap = placement.range_global.intersect(self.shard(rank))
-                if overlap is not None:
-                    counts[rank] += overlap.numel
+                overlap = min(end, bounds[rank + 1]) - max(start, bounds[rank])
+                if overlap > 0:
+                    counts[rank] += overlap
         return counts
 
 
@@ -245,6 +255,7 @@ def build_flat_layout(
     key_to_open: dict[Hashable, list[tuple[int, int]]] = {}
     key_to_fill: dict[Hashable, int] = {}
     buckets: list[BucketLayout] = []
+    shard_to_bounds: dict[int, tuple[int, ...]] = {}
 
     def close(key: Hashable) -> None:
         members = key_to_open.pop(key)
@@ -254,7 +265,16 @@ def build_flat_layout(
             placements.append(ParamPlacement(index=index, start_global=offset, numel=numel))
             offset += round_up(numel, align)
         shard_numel = round_up(-(-offset // num_shards), align)
-        bounds = tuple(rank * shard_numel for rank in range(num_shards + 1))
+        # NOTE: buckets of one shard size share one bounds tuple, built by range() in C: at 4,096
+        # ranks a tuple per bucket held ~35 MiB for Llama-8B and a generator took ~0.5 s
+        # (benchmarks/scale_sim.py).
+        bounds = shard_to_bounds.get(shard_numel)
+        if bounds is None:
+            if shard_numel:
+                bounds = tuple(range(0, (num_shards + 1) * shard_numel, shard_numel))
+            else:
+                bounds = (0,) * (num_shards + 1)
+            shard_to_bounds[shard_numel] = bounds
         buckets.append(BucketLayout(key, num_shards, bounds, tuple(placements)))
 
     for index, (numel, key) in enumerate(zip(numels, keys, strict=True)):

@@ -322,10 +322,6 @@ class Stepping:
         """
         if type(self.optim) in _TORCH_STEPWISE:
             return
-        if self._comm.world_size > 1:
-            flag = torch.tensor([0.0 if failure is None else 1.0], device=self._comm.device)
-            if not bool(self._comm.all_gather(flag, what="step outcome").any()):
-                return
         self._comm.raise_if_any_failed(failure, what=f"{self._optimizer_class.__name__}.step()")
 
     def _devices(self) -> list[torch.device]:
