@@ -7,9 +7,10 @@
 - "replicated": every rank runs the class over the full tensors with full state (correct, not
   sharded): for classes that couple tensors or draw random numbers (see `kind_from_verdict`).
 
-Unknown classes are "tensor": always correct, still sharded. Users declare their own classes with
-`register_elementwise` or `register_per_tensor`. Also resolves the fused/foreach implementation
-flag. Must not import torch.distributed.
+Classes in no registry are probed on small synthetic tensors (shardoptim.probe) and
+`kind_from_verdict` turns the verdict into a layout. Users declare their own classes with
+`register_elementwise` or `register_per_tensor`, which take precedence over the probe. Also
+resolves the fused/foreach implementation flag. Must not import torch.distributed.
 """
 
 from __future__ import annotations

@@ -250,10 +250,11 @@ class Stepping:
         batched: list[tuple[torch.Tensor, tuple[int, ...]]] = []
         try:
             if not per_bucket:
-                failure = None
-                if any(has_work):
-                    failure = self._local_step_(step_kwargs, [b for b, work in enumerate(has_work) if work])
-                self._agree_on_step_(failure)  # on every rank, with work or not
+                # NOTE: also on a rank with no gradient to apply (or no tensor at all): the base step
+                # then still writes its per-call group values (counters), as it does unsharded, so
+                # every rank's param_groups keep the same keys.
+                failure = self._local_step_(step_kwargs, [b for b, work in enumerate(has_work) if work])
+                self._agree_on_step_(failure)
             for b, bucket in enumerate(self._buckets):
                 if per_bucket and has_work[b]:
                     for group_index, group in enumerate(groups):
