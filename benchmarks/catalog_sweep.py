@@ -1,7 +1,7 @@
 """Sweep every optimizer class of the public catalogs through ShardedOptimizer; compare with the plain class.
 
 Run from the repository root (a few minutes on 2 cores; needs timm, pytorch_optimizer, schedulefree,
-prodigyopt, dadaptation and lion_pytorch, the `test` extra):
+prodigyopt, dadaptation and lion_pytorch: the `test` extra plus `pip install timm`):
 
     OMP_NUM_THREADS=1 python3 benchmarks/catalog_sweep.py --out /tmp/sweep.md
     OMP_NUM_THREADS=1 python3 benchmarks/catalog_sweep.py --world-sizes 2 --only lamb --grad-scale 10

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 modules=(
     shardoptim torch numpy pytest xdist hypothesis mpi4py matplotlib
     transformers accelerate lightning safetensors
-    timm pytorch_optimizer schedulefree prodigyopt dadaptation lion_pytorch
+    pytorch_optimizer schedulefree prodigyopt dadaptation lion_pytorch
 )
 
 # Whether interpreter $1 has every module, judged from / so the checkout itself does not count as
