@@ -24,7 +24,8 @@ The oracle is the plain class over the same model on one process, seeded identic
 computes it itself (no extra process) and compares its own sharded result with it, so a rank whose
 weights drifted from the others is caught too. Per class and run it prints the layout chosen
 (`opt.sharding`) and one of
-  EXACT     max relative difference of the parameters <= 1e-6 on every rank
+  EXACT     max relative difference of the parameters <= 1e-6 on every rank (<= 2e-3 for the
+            sharded LBFGS in float32: summation order, see RTOL_LBFGS)
   DIVERGES  ran, but some rank's parameters differ from the oracle's (silently wrong)
   REFUSED   ShardedOptimizer raised ValueError/TypeError/NotImplementedError at construction
   ERROR     anything else (the plain class failing or producing non-finite values included; the
@@ -80,6 +81,10 @@ from torch import nn  # noqa: E402
 
 STEPS = 5
 RTOL = 1e-6
+#: The sharded LBFGS sums its dot products in another order than torch's (per-rank partial sums,
+#: then an all-reduce); over 5 steps of up to 20 inner iterations in float32 that reaches ~1e-3
+#: relative (float64: ~1e-11). The README documents this tolerance; it is no wrapper error.
+RTOL_LBFGS = 2e-3
 BATCH = 32
 LR = 1e-3
 #: Values for arguments that some classes require (a new user must pass them).
@@ -408,7 +413,8 @@ def run_one(entry: Entry, scale: float, group: Any) -> dict[str, Any]:
         return {**out, "status": status, "msg": out["msg"] + f"step: {_short(err)}", "desync": True}
     diff = _max_rel_diff(_snapshot(model), want)
     out["diff"] = diff
-    out["status"] = "EXACT" if diff <= RTOL else "DIVERGES"
+    tol = RTOL_LBFGS if out["layout"] == "lbfgs" else RTOL
+    out["status"] = "EXACT" if diff <= tol else "DIVERGES"
     return out
 
 

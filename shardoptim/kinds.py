@@ -140,14 +140,7 @@ def resolve_kind(optimizer_class: type[Optimizer], sharding: str) -> Kind:
         return "tensor"
     if optimizer_class in _ELEMENTWISE:
         return "flat"
-    if optimizer_class not in _PER_TENSOR:
-        logger.info(
-            "shardoptim does not know whether %s is elementwise; sharding it whole-tensor (always correct). "
-            "Call shardoptim.register_elementwise(%s) to shard it element by element",
-            optimizer_class.__name__,
-            optimizer_class.__name__,
-        )
-    return "tensor"
+    return "tensor"  # NOTE: for a class of unknown kind ShardedOptimizer probes it instead
 
 
 def tensor_cost(optimizer_class: type[Optimizer]) -> CostFn:

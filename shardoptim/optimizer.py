@@ -130,6 +130,13 @@ class ShardedOptimizer(Stepping, Optimizer):
         if sharding == "auto" and not is_registered(optimizer_class):
             self.probe_verdict = probe_update_kind(optimizer_class, defaults)
             self._kind = kind_from_verdict(self.probe_verdict)
+            logger.info(
+                "probed %s: %s -> sharding %r (declare it with shardoptim.register_elementwise or "
+                "register_per_tensor to skip the probe)",
+                optimizer_class.__name__,
+                self.probe_verdict.reason,
+                self._kind,
+            )
         self._uses_rng = self.probe_verdict is not None and self.probe_verdict.uses_rng
         #: Why the class runs unsharded on every rank ("" unless sharding is "replicated").
         self.replication_reason = self.probe_verdict.reason if self._kind == "replicated" and self.probe_verdict else ""

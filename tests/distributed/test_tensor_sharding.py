@@ -300,14 +300,15 @@ def test_registered_elementwise_goes_flat(caplog: pytest.LogCaptureFixture) -> N
     assert _kind_log_lines(caplog) == []
 
 
-def test_unregistered_class_goes_tensor_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+def test_unregistered_class_is_probed_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
     cls = type("UnknownSign", (_SignDescent,), {})
     caplog.set_level(logging.INFO, logger="shardoptim")
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
     opt = ShardedOptimizer(params, cls, lr=0.1)
-    assert opt.sharding == "tensor"
+    assert opt.sharding == "flat", "sign descent is elementwise: the probe must find it"
+    assert opt.probe_verdict is not None and opt.probe_verdict.update == "elementwise"
     lines = _kind_log_lines(caplog)
-    assert len(lines) == 1 and "UnknownSign" in lines[0], lines
+    assert len(lines) == 1 and "probed UnknownSign" in lines[0], lines
     assert ShardedOptimizer([torch.nn.Parameter(torch.randn(3))], cls, sharding="flat").sharding == "flat"
 
 
