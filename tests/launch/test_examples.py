@@ -164,3 +164,27 @@ def test_finetune_param_groups_two_ranks(tmp_path: Path) -> None:
     assert all(lrs[0] == lrs[1] and lrs[2] == lrs[3] for lrs in step_to_lrs.values()), output
     found = re.search(r"^val accuracy: ([\d.]+) -> ([\d.]+)", output, re.MULTILINE)
     assert found and float(found[2]) > float(found[1]) + 0.2, output
+
+
+def test_lbfgs_fit_two_ranks(tmp_path: Path) -> None:
+    output = _run([*TORCHRUN, str(EXAMPLES / "lbfgs_fit.py")], tmp_path)
+    assert "2 rank(s), 8,224 float64 parameters" in output, output
+    rank_to_nbytes = [
+        int(n.replace(",", "")) for n in re.findall(r"^rank \d state \(sharded\):\s+([\d,]+) B", output, re.M)
+    ]
+    reference = re.search(r"^torch\.optim\.LBFGS state \(one process\):\s+([\d,]+) B", output, re.MULTILINE)
+    assert len(rank_to_nbytes) == 2 and reference, output
+    assert max(rank_to_nbytes) < int(reference[1].replace(",", "")), output  # each rank holds a part
+    found = re.search(r"^final loss: sharded ([\d.]+)\s+torch\.optim\.LBFGS ([\d.]+)", output, re.MULTILINE)
+    assert found and abs(float(found[1]) - float(found[2])) < 1e-6, output
+
+
+def test_muon_adamw_two_ranks(tmp_path: Path) -> None:
+    output = _run([*TORCHRUN, str(EXAMPLES / "muon_adamw.py"), "--steps", "10", "--log-every", "5"], tmp_path)
+    assert "2 rank(s); Muon sharding=tensor, AdamW sharding=flat" in output, output
+    losses = [float(x) for x in re.findall(r"^step\s+\d+\s+loss ([\d.]+)$", output, re.MULTILINE)]
+    assert len(losses) == 3 and losses[-1] < losses[0], output
+    for rank in (0, 1):
+        assert re.search(rf"^rank {rank}: optimizer state  Muon [\d,]+ B  AdamW [\d,]+ B$", output, re.M), (
+            output
+        )
