@@ -30,7 +30,6 @@ mpirun/mpiexec, srun and a plain `python`; on GPUs each rank uses cuda:<local ra
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
 import sys
@@ -468,10 +467,6 @@ def main() -> None:
         saved = f"{args.out} and {args.plot}" if plotted else f"{args.out}"
         print(f"{done} steps in {elapsed:.1f} s ({done / elapsed:.1f} step/s); saved {saved}")
         print(f"loss: first {losses[0]:.4f} -> final {losses[-1]:.4f}")
-    # NOTE: release DDP's reducer before the process group is destroyed; torch 2.13 can otherwise
-    # hang or abort in its gloo teardown at interpreter exit.
-    del net
-    gc.collect()
     dist.destroy_process_group()
 
 

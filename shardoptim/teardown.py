@@ -67,7 +67,7 @@ def hold_until_exit(group: dist.ProcessGroup | None) -> None:
     if not any(held is pg for held in _held):
         _held.append(pg)
     if not _hook_registered:
-        # NOTE: registered after torch's own hooks, so it runs before them (atexit is LIFO).
+        # NOTE: atexit hooks run before interpreter finalization starts, while threads may still take the GIL.
         atexit.register(_release_all)
         _hook_registered = True
 

@@ -8,9 +8,10 @@ Three optimizers, each over its own small float64 MLP: AdamW at stage 1 behind D
 `local_state_nbytes()`, rank 0 stays busy for 3 s while rank 1 destroys the process group and
 returns at once, leaving the models and optimizers to be freed when `main` returns.
 
---starve-gloo-workers lowers the priority of this process's gloo worker threads (nice 19), so on a
-busy machine they run late after each collective: the window in which teardown used to deadlock
-(a worker still freeing a finished collective's tensors) then stays open long enough to be hit.
+--starve-gloo-workers lowers the priority of this process's gloo worker threads (nice 19) after
+training, so on a busy machine they run late after the last collectives: the window in which teardown
+used to deadlock or abort (a worker still freeing a finished collective's tensors) then stays open
+long enough to be hit.
 """
 
 from __future__ import annotations
@@ -51,8 +52,6 @@ def main() -> None:
     parser.add_argument("--starve-gloo-workers", action="store_true")
     args = parser.parse_args()
     dist.init_process_group("gloo")
-    if args.starve_gloo_workers:
-        starve_gloo_workers()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(32, 16, generator=gen, dtype=torch.float64)
@@ -84,6 +83,8 @@ def main() -> None:
     for _ in range(2):
         lbfgs.step(closure)
 
+    if args.starve_gloo_workers:  # from here on: the collectives before teardown
+        starve_gloo_workers()
     for name, opt in (("adamw stage 1", adamw1), ("adamw stage 2", adamw2), ("lbfgs", lbfgs)):
         rank_to_nbytes: list[object] = [None] * world_size
         dist.all_gather_object(rank_to_nbytes, opt.local_state_nbytes())

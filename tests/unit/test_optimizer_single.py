@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
@@ -76,9 +74,7 @@ def test_auto_kinds(caplog: pytest.LogCaptureFixture) -> None:
     class Mine(torch.optim.SGD):
         pass
 
-    with caplog.at_level(logging.INFO, logger="shardoptim.kinds"):
-        assert resolve_kind(Mine, "auto") == "tensor"
-    assert "register_elementwise" in caplog.text
+    assert resolve_kind(Mine, "auto") == "tensor"  # unknown: ShardedOptimizer probes it (test_probe.py)
     shardoptim.register_elementwise(Mine)
     assert resolve_kind(Mine, "auto") == "flat"
     shardoptim.register_per_tensor(Mine)
