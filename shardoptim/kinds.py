@@ -44,7 +44,8 @@ def _muon_shape_cost(shape: torch.Size) -> float:
     return muon_cost(tuple(shape))
 
 
-_ELEMENTWISE: set[type[Optimizer]] = {
+#: torch.optim's own elementwise classes (their step keeps no per-call state beyond each parameter's).
+TORCH_ELEMENTWISE: tuple[type[Optimizer], ...] = (
     torch.optim.SGD,
     torch.optim.Adam,
     torch.optim.AdamW,
@@ -56,7 +57,9 @@ _ELEMENTWISE: set[type[Optimizer]] = {
     torch.optim.ASGD,
     torch.optim.NAdam,
     torch.optim.RAdam,
-}
+)
+
+_ELEMENTWISE: set[type[Optimizer]] = set(TORCH_ELEMENTWISE)
 
 _PER_TENSOR: dict[type[Optimizer], CostFn] = {torch.optim.SparseAdam: _numel_cost}
 for _name, _cost in (("Adafactor", _numel_cost), ("Muon", _muon_shape_cost)):

@@ -24,7 +24,7 @@ from shardoptim.comm import Comm, PendingGather
 from shardoptim.config import ShardConfig
 from shardoptim.grads import GradReducer
 from shardoptim.hparams import HparamSyncer, copy_hparams_, flow_back_hparams_, snapshot_hparams
-from shardoptim.kinds import Kind
+from shardoptim.kinds import TORCH_ELEMENTWISE, Kind
 from shardoptim.master import MASTER_KEY, MasterShards
 from shardoptim.owned_grads import OwnedGrads
 from shardoptim.pieces import Bucket, Piece
@@ -378,19 +378,7 @@ class Stepping:
 
 
 #: torch.optim's own classes: their step has no per-call side effects beyond per-parameter state.
-_TORCH_STEPWISE = (
-    torch.optim.SGD,
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.Adamax,
-    torch.optim.Adagrad,
-    torch.optim.Adadelta,
-    torch.optim.RMSprop,
-    torch.optim.Rprop,
-    torch.optim.ASGD,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-)
+_TORCH_STEPWISE = TORCH_ELEMENTWISE
 
 
 def _takes_closure(optim: Optimizer) -> bool:

@@ -34,13 +34,13 @@ class ParamStorage:
 
     def __init__(self, *, as_bucket_view: bool) -> None:
         self.as_bucket_view = as_bucket_view
-        self._buffers: list[FlatBuffers] = []
+        self._index_to_view: dict[int, torch.Tensor] = {}
         self._index_to_version: dict[int, int] = {}
         self._index_to_ptr: dict[int, int] = {}
 
     def attach_(self, buffers: FlatBuffers, params: Sequence[torch.Tensor]) -> None:
         """Take over the parameters of `buffers` (whose values are already in the buckets)."""
-        self._buffers.append(buffers)
+        self._index_to_view.update(buffers.items())
         if self.as_bucket_view:
             buffers.bind_params_(params)
         self.remember_(params, buffers.indices())
@@ -69,39 +69,37 @@ class ParamStorage:
             RuntimeError: a parameter changed shape, dtype or device type.
         """
         changed: list[int] = []
-        for buffers in self._buffers:
-            for index, view in buffers.items():
-                param = params[index]
-                _check_same_kind(index, param, view, prefix=prefix)
-                if view.numel() == 0:
-                    continue
-                replaced = param.data_ptr() != self._index_to_ptr.get(index)
-                written = param._version != self._index_to_version.get(index)
+        for index, view in self._index_to_view.items():
+            param = params[index]
+            _check_same_kind(index, param, view, prefix=prefix)
+            if view.numel() == 0:
+                continue
+            home = view.data_ptr() if self.as_bucket_view else self._index_to_ptr.get(index)
+            replaced = param.data_ptr() != home
+            written = param._version != self._index_to_version.get(index)
+            if replaced:
+                # A move (e.g. .to(cpu:0)) carries the same values: master copies stay as they are.
+                same = bool(torch.equal(param.detach(), view))
+                if not same:
+                    changed.append(index)
+                with torch.no_grad():
+                    view.copy_(param.detach())
                 if self.as_bucket_view:
-                    replaced = param.data_ptr() != view.data_ptr()
-                if replaced:
-                    # A move (e.g. .to(cpu:0)) carries the same values: master copies stay as they are.
-                    same = bool(torch.equal(param.detach(), view))
-                    if not same:
-                        changed.append(index)
+                    param.data = view
+            elif written:
+                changed.append(index)  # written in place (through the view, or into its own storage)
+                if not self.as_bucket_view:
                     with torch.no_grad():
                         view.copy_(param.detach())
-                    if self.as_bucket_view:
-                        param.data = view
-                elif written:
-                    changed.append(index)  # written in place (through the view, or into its own storage)
-                    if not self.as_bucket_view:
-                        with torch.no_grad():
-                            view.copy_(param.detach())
-                if replaced or written:
-                    self.remember_(params, [index])
+            if replaced or written:
+                self.remember_(params, [index])
         return changed
 
     def copy_out_(self, params: Sequence[torch.Tensor], indices: Sequence[int]) -> None:
         """Copy the gathered bucket values of `indices` into the parameters (own-storage mode only)."""
         if self.as_bucket_view or not indices:
             return
-        views = {index: view for buffers in self._buffers for index, view in buffers.items()}
+        views = self._index_to_view
         dst = [params[i] for i in indices if views[i].numel()]
         src = [views[i] for i in indices if views[i].numel()]
         with torch.no_grad():
@@ -113,7 +111,7 @@ class ParamStorage:
         """Return the bytes the parameters' own storage adds beyond the buckets (0 for views)."""
         if self.as_bucket_view:
             return 0
-        return sum(params[i].numel() * params[i].element_size() for b in self._buffers for i, _ in b.items())
+        return sum(params[i].numel() * params[i].element_size() for i in self._index_to_view)
 
 
 def _check_same_kind(index: int, param: torch.Tensor, view: torch.Tensor, *, prefix: str) -> None:
