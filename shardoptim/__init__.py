@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from shardoptim.amp import ShardedGradScaler
 from shardoptim.hparams import all_reduce_metric
+from shardoptim.hybrid import HybridGroups, hybrid_groups
 from shardoptim.kinds import register_elementwise, register_per_tensor
 from shardoptim.launcher import DistInfo, init_distributed
 from shardoptim.optimizer import DEFAULT_BUCKET_NUMEL, ShardedOptimizer
@@ -20,10 +21,12 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_BUCKET_NUMEL",
     "DistInfo",
+    "HybridGroups",
     "ShardedGradScaler",
     "ShardedOptimizer",
     "all_reduce_metric",
     "checkpoint",
+    "hybrid_groups",
     "init_distributed",
     "register_elementwise",
     "register_per_tensor",

@@ -95,7 +95,8 @@ def save(
     """Write a sharded checkpoint of `optimizer` (and `model`, and `extra`) to the directory `path`.
 
     Collective: call on every rank of the group, in the same order. Each rank writes its own
-    pieces in parallel; the directory appears atomically when all are written.
+    pieces in parallel; the directory appears atomically when all are written. With hybrid
+    sharding only the lead replica writes, and every rank returns once it is published.
 
     Args:
         path: the checkpoint directory; an existing checkpoint there is replaced only once the new
@@ -106,11 +107,34 @@ def save(
         extra: plain values (numbers, strings, tensors, containers) and objects with `state_dict()`
             (schedulers, GradScaler, ...), saved by key and restored by `load(..., extra=...)`.
     """
-    comm = optimizer._comm
     if optimizer.sharding == "lbfgs":
         raise ValueError(
             "sharded checkpoints of LBFGS are not supported; use consolidate_state_dict() + state_dict()"
         )
+    replicas = optimizer._replicas
+    if replicas is None:
+        _save(path, optimizer, model=model, extra=extra)
+        return
+    # Hybrid sharding: the lead replica writes; the flag all-reduce doubles as the barrier that
+    # holds the other replicas until the checkpoint is published (or tells them it failed).
+    failure: Exception | None = None
+    if replicas.is_lead:
+        try:
+            _save(path, optimizer, model=model, extra=extra)
+        except Exception as err:
+            failure = err
+    replicas.comm.raise_if_any_failed(failure, what="checkpoint.save (by the lead replica)")
+
+
+def _save(
+    path: str | os.PathLike[str],
+    optimizer: ShardedOptimizer,
+    *,
+    model: torch.nn.Module | None,
+    extra: Mapping[str, Any] | None,
+) -> None:
+    """Write the checkpoint from the shard group. Collective: call on every rank of the shard group."""
+    comm = optimizer._comm
     final = Path(path)
     partial = final.with_name(final.name + ".partial")
     names = _names(optimizer, model)
@@ -165,6 +189,7 @@ def save(
         "optimizer_class": optimizer._optimizer_class.__name__,
         "sharding": optimizer.sharding,
         "world_size": comm.world_size,
+        "replicas": optimizer.num_replicas,
         "names": names,
         "shapes": [tuple(p.shape) for p in optimizer._params],
         "param_groups": groups,
@@ -351,6 +376,10 @@ def load(
     # NOTE: the model first: loading master weights afterwards keeps them (a model write after
     # them would re-read the rounded weights into the masters).
     load_pieces(optimizer, meta["param_groups"], index_to_values)
+    # NOTE: the same on every rank (the metadata is), so state_dict() can still decide without talking.
+    optimizer._has_state = bool(meta["chunks"])
+    optimizer._consolidated = None
+    optimizer._consolidated_to = None
     for key, obj in (extra or {}).items():
         if hasattr(obj, "load_state_dict"):
             obj.load_state_dict(payload[key])

@@ -80,10 +80,15 @@ class GradReducer:
     Args:
         comm: the shard group.
         params: the optimizer's list of all parameters (indices below refer to it).
+        replicate: the replicate group of hybrid sharding: the shards are averaged across it
+            before they are read (see `flush_`); None without replicas.
     """
 
-    def __init__(self, comm: Comm, params: Sequence[torch.Tensor]) -> None:
+    def __init__(self, comm: Comm, params: Sequence[torch.Tensor], *, replicate: Comm | None = None) -> None:
         self._comm = comm
+        self._replicate = replicate
+        self._replica_stale = False
+        """Whether a reduction reached the shards since they were last averaged across replicas."""
         self._params = params
         self._buckets: list[_GradBucket] = []
         self._slots: dict[int, GradSlot] = {}
@@ -270,6 +275,7 @@ class GradReducer:
             what=f"gradient reduce-scatter (bucket {b})",
         )
         bucket.launched = True
+        self._replica_stale = True
         self._in_flight.append(b)
         self._drain(keep=MAX_IN_FLIGHT)
 
@@ -319,11 +325,45 @@ class GradReducer:
     def flush_(self) -> None:
         """Reduce gradients still held in `.grad` (left by `no_sync()`) into the shards.
 
+        With replicas (hybrid sharding) the shards are then averaged across the replicate group,
+        so every replica holds the gradient of the global batch; call this before reading them.
+
         Collective: call on every rank of the group, in the same order. Every rank agrees on
         whether there is work because every rank ran the same no_sync() backward passes.
         """
-        if not self._unreduced:
+        if self._unreduced:
+            self._start_pass()
+            self._launch_rest_and_wait()
+            self._in_pass = False
+        if self._replicate is not None:
+            self._average_replicas_(self._replicate)
+
+    def _average_replicas_(self, replicate: Comm) -> None:
+        """Average the shards reduced since the last call across the replicate group.
+
+        One all-reduce (max) of a flag per bucket and per parameter first, so replicas agree on
+        whether there is work, which buckets hold gradients anywhere (a replica without them
+        contributes zeros) and which parameters got a gradient on any rank.
+
+        Collective: call on every rank of the replicate group, in the same order.
+        NOTE: gradients accumulated on top of already averaged shards (a second backward without
+        zero_grad after a read) are averaged with them again: equal values up to rounding.
+        """
+        flags = [float(self._replica_stale)] + [float(b.shard_valid) for b in self._buckets]
+        packed = torch.tensor(flags + [float(h) for h in self.has_grad], device=replicate.device)
+        replicate.all_reduce_(packed, op="max", what="gradient flags across replicas")
+        agreed = packed.cpu().tolist()
+        self._replica_stale = False
+        if not agreed[0]:
             return
-        self._start_pass()
-        self._launch_rest_and_wait()
-        self._in_pass = False
+        for b, bucket in enumerate(self._buckets):
+            if not agreed[1 + b]:
+                continue
+            if bucket.shard is None:
+                owned = bucket.bounds[self._comm.rank + 1] - bucket.bounds[self._comm.rank]
+                bucket.shard = torch.zeros(owned, dtype=bucket.shard_dtype, device=bucket.device)
+            elif not bucket.shard_valid:
+                bucket.shard.zero_()
+            replicate.all_reduce_(bucket.shard, op="mean", what=f"gradient average across replicas (bucket {b})")
+            bucket.shard_valid = True
+        self.has_grad = [bool(flag) for flag in agreed[1 + len(self._buckets) :]]

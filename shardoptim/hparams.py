@@ -172,15 +172,17 @@ class HparamSyncer:
     """Keeps the agreed size of the packed vector between steps and runs the per-step sync.
 
     Args:
-        comm: the shard group.
+        comm: the shard group (or the replicate group of hybrid sharding).
         mode: "broadcast", "check" or "off" (see `sync_`).
+        source: the rank whose values "broadcast" gives every rank.
     """
 
-    def __init__(self, comm: Comm, mode: HparamSync) -> None:
+    def __init__(self, comm: Comm, mode: HparamSync, *, source: int = 0) -> None:
         if mode not in HPARAM_SYNC_MODES:
             raise ValueError(f"hparam_sync must be one of {HPARAM_SYNC_MODES}, got {mode!r}")
         self.comm = comm
         self.mode: HparamSync = mode
+        self.source = source
         self.capacity = _MIN_CAPACITY
 
     def sync_(
@@ -192,7 +194,7 @@ class HparamSyncer:
         all-gather; every rank's copy is returned as a (world_size, len) float64 tensor (None
         without `extra`). With mode "off" it gets an all-gather of its own.
 
-        "broadcast" overwrites every rank's values with rank 0's; "check" raises RuntimeError on
+        "broadcast" overwrites every rank's values with rank `source`'s (0 by default); "check" raises RuntimeError on
         every rank when any value differs, naming the group, the key and the value on each rank;
         "off" does nothing. Both other modes use one all-gather of a small float64 vector (a
         second one only when the options outgrow the agreed size), so a rank whose groups differ
@@ -233,7 +235,7 @@ class HparamSyncer:
                 "(add_param_group, new keys, schedulers) on every rank"
             )
         if self.mode == "broadcast":
-            unpack_hparams_(groups, gathered[0], entries)
+            unpack_hparams_(groups, gathered[self.source], entries)
             return extras
         if not _same(gathered):
             raise RuntimeError(

@@ -28,6 +28,7 @@ from shardoptim.hparams import (
     HparamSync,
     HparamSyncer,
 )
+from shardoptim.hybrid import Replicas, resolve_groups
 from shardoptim.kinds import (
     Kind,
     is_registered,
@@ -62,7 +63,7 @@ class ShardedOptimizer(Stepping, Optimizer):
         params: anything torch.optim accepts: tensors, (name, tensor) pairs or param-group dicts.
         optimizer_class: the base optimizer class, e.g. torch.optim.AdamW.
         process_group: the ranks to shard over; None is the default group (or a single process
-            when torch.distributed is not initialised).
+            when torch.distributed is not initialised). `shard_group` is another name for it.
         parameters_as_bucket_view: False (default): every parameter keeps its own storage, as with
             plain torch.optim, and the gathered values are copied into it (one extra copy of the
             parameters in memory). True: parameters become views into the flat buckets (no copy,
@@ -85,6 +86,12 @@ class ShardedOptimizer(Stepping, Optimizer):
         skip_nonfinite: skip the step on every rank when any gradient holds an inf or nan.
         comm_backend: "auto" moves flat CPU collectives with mpi4py under mpirun when that
             measures faster, "torch" always uses torch.distributed, "mpi" requires mpi4py.
+        replicate_group: hybrid sharding: the state is sharded within `process_group` (e.g. the
+            ranks of one node) and replicated across this group, which holds the rank at the same
+            shard position in every other shard group (`shardoptim.hybrid_groups()` builds both
+            from LOCAL_WORLD_SIZE). Stage 2 averages the gradient shards across it.
+        device_mesh: instead of the groups, a torch DeviceMesh: 1-D shards over it, 2-D is
+            (replicate, shard), FSDP's hybrid-sharding convention (or named "replicate"/"shard").
         **defaults: options for the base optimizer (lr, betas, ...). When neither `fused` nor
             `foreach` is given, fused=True is used where the class supports it, else foreach=True.
     """
@@ -105,6 +112,9 @@ class ShardedOptimizer(Stepping, Optimizer):
         master_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = False,
         comm_backend: CommBackend = "auto",
+        shard_group: dist.ProcessGroup | None = None,
+        replicate_group: dist.ProcessGroup | None = None,
+        device_mesh: Any = None,
         **defaults: Any,
     ) -> None:
         if overlap_with_ddp is not False:
@@ -153,8 +163,15 @@ class ShardedOptimizer(Stepping, Optimizer):
                 "group (LBFGS does not support per-parameter options)"
             )
         params_list = validate_params(groups)
-        self._comm = Comm(process_group, backend_choice=self.config.comm_backend)
+        shard_pg, replicate_pg = resolve_groups(process_group, shard_group, replicate_group, device_mesh)
+        self._comm = Comm(shard_pg, backend_choice=self.config.comm_backend)
+        self._replicas = Replicas.create(self._comm, replicate_pg)
         self._hparams = HparamSyncer(self._comm, hparam_sync)
+        self._replica_hparams = (
+            None
+            if self._replicas is None
+            else HparamSyncer(self._replicas.comm, hparam_sync, source=self._replicas.lead)
+        )
         self._settle_comm_backend()  # before anything touches the parameters
         self._optimizer_class = optimizer_class
         self._params: list[torch.Tensor] = []
@@ -164,7 +181,10 @@ class ShardedOptimizer(Stepping, Optimizer):
         self._layouts: list[Layout] = []
         self._tensor_loads = [0.0] * self._comm.world_size
         self._masters = MasterShards(self.config.master_dtype or torch.float32)
-        self._reducer = GradReducer(self._comm, self._params) if self.config.stage == 2 else None
+        replicate = None if self._replicas is None else self._replicas.comm
+        self._reducer = (
+            GradReducer(self._comm, self._params, replicate=replicate) if self.config.stage == 2 else None
+        )
         # NOTE: replicated: every rank holds every piece; norms and inf/nan checks count rank 0's only.
         self._norm_pieces: list[Piece] = self._pieces if self._kind != "replicated" else []
         self._grads = OwnedGrads(
@@ -371,7 +391,18 @@ class ShardedOptimizer(Stepping, Optimizer):
 
     @property
     def world_size(self) -> int:
+        """Ranks the state is sharded over (the shard group's size)."""
         return self._comm.world_size
+
+    @property
+    def num_replicas(self) -> int:
+        """Full copies of the state across the replicate group (1 without hybrid sharding)."""
+        return 1 if self._replicas is None else self._replicas.size
+
+    @property
+    def replica_rank(self) -> int:
+        """This rank's position in its replicate group (0 without hybrid sharding)."""
+        return 0 if self._replicas is None else self._replicas.comm.rank
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group on every rank; its parameters get buckets of their own.
@@ -412,11 +443,19 @@ class ShardedOptimizer(Stepping, Optimizer):
         """Gather the full optimizer state onto rank `to`, for a following `state_dict()` there.
 
         Collective: call on every rank of the group, in the same order. Streams tensor by tensor
-        (no shard is pickled); the result is kept on rank `to` until the next `step`.
+        (no shard is pickled); the result is kept on rank `to` until the next `step`. With hybrid
+        sharding `to` is a rank of the shard group, and only the lead replica (the shard group of
+        global rank 0) gathers: every other rank's `state_dict()` then returns `{}`.
         """
         from shardoptim.state_dict import consolidate
 
-        self._consolidated = consolidate(self, to=to)
+        if not 0 <= to < self._comm.world_size:
+            raise ValueError(
+                f"to={to} is not a rank of the shard group (size {self._comm.world_size}); pass a rank in 0.."
+                f"{self._comm.world_size - 1}"
+            )
+        lead = self._replicas is None or self._replicas.is_lead
+        self._consolidated = consolidate(self, to=to) if lead else None
         self._consolidated_to = to
 
     def state_dict(self) -> dict[str, Any]:
@@ -441,8 +480,11 @@ class ShardedOptimizer(Stepping, Optimizer):
             from shardoptim.state_dict import groups_with_indices
 
             return {"state": {}, "param_groups": groups_with_indices(self)}
-        if self._comm.world_size == 1:  # nothing to gather from: consolidating is local
-            self.consolidate_state_dict(to=0)
+        if self._comm.world_size == 1:  # nothing to gather from (every replica too): consolidating is local
+            from shardoptim.state_dict import consolidate
+
+            self._consolidated = consolidate(self, to=0)
+            self._consolidated_to = 0
             assert self._consolidated is not None
             return self._consolidated
         raise RuntimeError(

@@ -12,6 +12,7 @@ import torch
 from shardoptim.hparams import pack_hparams
 
 if TYPE_CHECKING:
+    from shardoptim.comm import Comm
     from shardoptim.optimizer import ShardedOptimizer
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -38,13 +39,42 @@ def checksum(tensor: torch.Tensor, *, chunk_numel: int = 1 << 20) -> int:
 def verify_replicas(opt: ShardedOptimizer) -> None:
     """Raise RuntimeError on every rank when any parameter or hyperparameter differs across ranks.
 
-    Collective: call on every rank of the group, in the same order. Costs one read of every
-    parameter and one small all-gather.
+    With hybrid sharding the check runs in the shard group and then in the replicate group: the
+    two together compare every rank of the grid with every other.
+
+    Collective: call on every rank, in the same order. Costs one read of every parameter and one
+    small all-gather per group.
     """
-    comm = opt._comm
+    sums = [checksum(p) for p in opt._params]
+    if opt._replicas is None:
+        _verify_in(opt, opt._comm, sums, "")
+        return
+    errors: list[RuntimeError] = []
+    for comm, where in ((opt._comm, " of the shard group"), (opt._replicas.comm, " of the replicate group")):
+        try:
+            _verify_in(opt, comm, sums, where)
+        except RuntimeError as err:
+            errors.append(err)
+    # NOTE: a difference is seen only by the groups it lies in; agree over both so every rank raises.
+    flag = torch.tensor([float(bool(errors))], device=opt._comm.device)
+    opt._comm.all_reduce_(flag, op="max", what="verify_replicas agreement")
+    opt._replicas.comm.all_reduce_(flag, op="max", what="verify_replicas agreement")
+    if errors:
+        raise errors[0]
+    if bool(flag.item()):
+        raise RuntimeError(
+            f"{opt._comm.prefix}verify_replicas: the replicas diverged on other ranks (their error names the "
+            "parameter). Reload the last checkpoint on every rank"
+        )
+
+
+def _verify_in(opt: ShardedOptimizer, comm: Comm, sums: list[int], where: str) -> None:
+    """Compare the checksums `sums` and the hyperparameters across the ranks of `comm`.
+
+    Collective: call on every rank of `comm`, in the same order.
+    """
     if comm.world_size == 1:
         return
-    sums = [checksum(p) for p in opt._params]
     packed, _ = pack_hparams(opt.param_groups)
     local = torch.tensor(sums, dtype=torch.int64)
     hparams = packed.view(torch.int64)
@@ -66,8 +96,8 @@ def verify_replicas(opt: ShardedOptimizer) -> None:
             label = f"parameter {index}" + (f" ({names[index]})" if names[index] else "")
             bad = (column != column[0]).nonzero().flatten().tolist()
             raise RuntimeError(
-                f"{comm.prefix}verify_replicas: {label}, shape {tuple(p.shape)}, differs between rank 0 and "
-                f"ranks {bad}: the replicas diverged (a rank-local change to the weights, or non-deterministic "
+                f"{comm.prefix}verify_replicas: {label}, shape {tuple(p.shape)}, differs between rank 0{where} "
+                f"and ranks {bad}: the replicas diverged (a rank-local change to the weights, or non-deterministic "
                 "gradients without averaging). Reload the last checkpoint on every rank"
             )
     options = rows[:, 2 + len(sums) :]

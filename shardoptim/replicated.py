@@ -47,12 +47,12 @@ def _set_states(states: Sequence[torch.Tensor], devices: Sequence[torch.device])
 
 
 @contextlib.contextmanager
-def rank0_rng(comm: Comm, devices: Sequence[torch.device]) -> Iterator[None]:
-    """Run the block with rank 0's random number generator state on every rank.
+def rank0_rng(comm: Comm, devices: Sequence[torch.device], *, src: int = 0) -> Iterator[None]:
+    """Run the block with rank `src`'s (by default rank 0's) random number generator state on every rank.
 
     Collective: call on every rank of the group, in the same order (one broadcast of the CPU
-    generator state, and of each CUDA device's in `devices`). Afterwards rank 0 keeps its advanced
-    state, as an unsharded run would; the other ranks get their own state back, so their other
+    generator state, and of each CUDA device's in `devices`). Afterwards rank `src` keeps its
+    advanced state, as an unsharded run would; the other ranks get their own state back, so their other
     random streams (dropout, data order) are untouched.
     """
     cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
@@ -61,8 +61,8 @@ def rank0_rng(comm: Comm, devices: Sequence[torch.device]) -> Iterator[None]:
         return
     mine = _states(cuda)
     packed = torch.cat(mine).to(comm.device)
-    comm.broadcast_(packed, src=0, what="random generator state broadcast")
-    if comm.rank == 0:
+    comm.broadcast_(packed, src=src, what="random generator state broadcast")
+    if comm.rank == src:
         yield
         return
     sizes = [s.numel() for s in mine]

@@ -24,6 +24,7 @@ from shardoptim.comm import Comm, PendingGather
 from shardoptim.config import ShardConfig
 from shardoptim.grads import GradReducer
 from shardoptim.hparams import HparamSyncer, copy_hparams_, flow_back_hparams_, snapshot_hparams
+from shardoptim.hybrid import Replicas
 from shardoptim.kinds import TORCH_ELEMENTWISE, Kind
 from shardoptim.master import MASTER_KEY, MasterShards
 from shardoptim.owned_grads import OwnedGrads
@@ -46,6 +47,8 @@ class Stepping:
         _kind: Kind
         _comm: Comm
         _hparams: HparamSyncer
+        _replica_hparams: HparamSyncer | None
+        _replicas: Replicas | None
         _optimizer_class: type[Optimizer]
         _params: list[torch.Tensor]
         _buckets: list[Bucket]
@@ -105,7 +108,7 @@ class Stepping:
         # NOTE: the step flags (which parameters got gradients, inf/nan) ride in the same
         # all-gather as the hyperparameters: one collective per step for both.
         flags = self._grads.local_flags(check_nonfinite=self.config.skip_nonfinite)
-        rank_to_flags = self._hparams.sync_(self.param_groups, extra=flags)
+        rank_to_flags = self._sync_hparams(extra=flags)
         copy_hparams_(self.param_groups, self.optim.param_groups)
         has_grad, nonfinite = self._grads.merge_flags(rank_to_flags)
         self.last_step_skipped = nonfinite
@@ -139,7 +142,7 @@ class Stepping:
         self._settle()
         self._consolidated = None
         self._consolidated_to = None
-        self._hparams.sync_(self.param_groups)
+        self._sync_hparams()
         copy_hparams_(self.param_groups, self.optim.param_groups)
         self._has_state = True
         return self.optim.step(closure)
@@ -294,6 +297,30 @@ class Stepping:
         self._masters.write_back_(with_masters)
         return None
 
+    def _sync_hparams(self, *, extra: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Make the options identical on every rank: first across replicas (hybrid), then in the shard group.
+
+        Returns the shard group's gathered `extra` (see HparamSyncer.sync_).
+        Collective: call on every rank, in the same order.
+        """
+        if self._replica_hparams is not None:
+            self._replica_hparams.sync_(self.param_groups)
+        return self._hparams.sync_(self.param_groups, extra=extra)
+
+    def _rank0_rng(self) -> contextlib.AbstractContextManager[Any]:
+        """A context giving every rank the lead rank's random generator state (classes that draw).
+
+        Collective when the class draws random numbers: call on every rank, in the same order.
+        """
+        if not self._uses_rng:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        devices = self._devices()
+        if self._replicas is not None:  # the lead replica's state at this shard position, then rank 0's
+            stack.enter_context(rank0_rng(self._replicas.comm, devices, src=self._replicas.lead))
+        stack.enter_context(rank0_rng(self._comm, devices))
+        return stack
+
     def _run_base_step(self, step_kwargs: dict[str, Any]) -> tuple[Any, Exception | None]:
         """Run the base step (under rank 0's random state when it draws); return (result, failure).
 
@@ -303,7 +330,7 @@ class Stepping:
         failure: Exception | None = None
         result = None
         try:
-            with rank0_rng(self._comm, self._devices()) if self._uses_rng else contextlib.nullcontext():
+            with self._rank0_rng():
                 result = self.optim.step(**step_kwargs)
         except Exception as err:
             if type(self.optim) in _TORCH_STEPWISE:
@@ -346,7 +373,7 @@ class Stepping:
         self._consolidated = None
         self._consolidated_to = None
         flags = self._grads.local_flags(check_nonfinite=self.config.skip_nonfinite)
-        rank_to_flags = self._hparams.sync_(self.param_groups, extra=flags)
+        rank_to_flags = self._sync_hparams(extra=flags)
         copy_hparams_(self.param_groups, self.optim.param_groups)
         _, nonfinite = self._grads.merge_flags(rank_to_flags)
         self.last_step_skipped = nonfinite
