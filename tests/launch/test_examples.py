@@ -188,3 +188,35 @@ def test_muon_adamw_two_ranks(tmp_path: Path) -> None:
         assert re.search(rf"^rank {rank}: optimizer state  Muon [\d,]+ B  AdamW [\d,]+ B$", output, re.M), (
             output
         )
+
+
+def test_hybrid_sharding_two_nodes_of_two(tmp_path: Path) -> None:
+    """Two torchrun agents, one per emulated node (LOCAL_WORLD_SIZE=2 each), as on a 2-node cluster."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2"]
+    node += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    script = str(EXAMPLES / "hybrid_sharding.py")
+    log1 = tmp_path / "node1.log"
+    with log1.open("w") as out:
+        other = subprocess.Popen(
+            [*node, "--node-rank", "1", script], env=_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            output = _run([*node, "--node-rank", "0", script], tmp_path)
+            other.wait(timeout=TIMEOUT_S)
+        finally:
+            if other.poll() is None:
+                os.killpg(other.pid, signal.SIGKILL)
+                other.wait()
+    assert other.returncode == 0, log1.read_text()
+    assert "4 ranks: shard groups of 2 x 2 replicas, stage 2" in output, output
+    fractions = [float(f) for f in re.findall(r"^rank \d optimizer state [\d,]+ B \(([\d.]+) of unsharded", output, re.M)]
+    assert len(fractions) == 4 and all(0.49 <= f <= 0.51 for f in fractions), output
+    found = re.search(r"^max \|sharded - DDP \+ AdamW\| over the weights: (\S+)$", output, re.MULTILINE)
+    assert found and float(found[1]) < 1e-5, output
+    assert "verify_replicas: every rank holds the same weights" in output, output
