@@ -759,20 +759,22 @@ def print_growth(rows_by_key: dict[tuple[str, int], list[Row]]) -> list[str]:
 def print_what_if(models: Sequence[str], ranks: Sequence[int]) -> None:
     """Print the layout-only padding at other shard alignments (no optimizer built)."""
     from shardoptim.config import DEFAULT_BUCKET_NUMEL, DEFAULT_STAGE2_BUCKET_NUMEL
-    from shardoptim.layout import build_flat_layout
+    from shardoptim.layout import DEFAULT_ALIGN, build_flat_layout
 
     n = max(ranks)
+    aligns = (DEFAULT_ALIGN, 64, 4)
     print(
-        f"\n## Layout only, N={n}: largest rank's elements / ideal and padded / total at other alignments\n"
+        f"\n## Layout only, N={n}: largest rank's elements / ideal and padded / total at other alignments "
+        f"(elements; {aligns[-1]} fp32 elements change fused AdamW's results on CPU)\n"
     )
-    print("| model | stage | align 64 (library) | align 16 | align 4 |")
+    print(f"| model | stage | align {aligns[0]} (library) | align {aligns[1]} | align {aligns[2]} |")
     print("|---|---|---|---|---|")
     for model in models:
         numels = [numel_of(s) for s in MODELS[model]()]
         total = sum(numels)
         for stage, bucket_numel in ((1, DEFAULT_BUCKET_NUMEL), (2, DEFAULT_STAGE2_BUCKET_NUMEL)):
             cells = []
-            for align in (64, 16, 4):
+            for align in aligns:
                 layout = build_flat_layout(numels, num_shards=n, bucket_numel=bucket_numel, align=align)
                 cells.append(f"{layout.imbalance():.5f} / {layout.padded_numel / total:.5f}")
             print(f"| {model} | {stage} | {' | '.join(cells)} |")

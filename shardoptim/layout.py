@@ -18,14 +18,32 @@ from __future__ import annotations
 import bisect
 import collections
 import heapq
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-#: Default alignment in elements of every parameter start and every shard boundary. Shard cuts that
-#: fall on multiples of 64 elements inside a tensor keep the CPU kernels' vectorised and scalar-tail
-#: paths on the same elements as an unsharded run, which keeps results bitwise equal to torch.optim;
-#: 64 fp32 elements are also four cache lines.
-DEFAULT_ALIGN = 64
+#: Default alignment in elements of every parameter start and every shard boundary: 16 elements, 64
+#: bytes of fp32 (32 of bf16/fp16, 128 of fp64; at least the 16 bytes CUDA's vectorised multi-tensor
+#: kernels need for any dtype). 64 bytes is the unit torch's CPU fused kernels hand to threads and
+#: the widest CPU vector (AVX-512): cuts on multiples of it inside a tensor keep every element on
+#: the same vectorised or scalar-tail path as an unsharded run, which keeps results bitwise equal
+#: to torch.optim (cuts at 4 fp32 elements already change fused AdamW's results with AVX2). For
+#: bf16/fp16 that takes 32 elements: pass `key_to_align` (`align_for_itemsize`). Every bucket pads
+#: each rank's range up to the alignment, up to `align` elements per rank per bucket: 64 elements
+#: cost 3% of GPT-2 small's optimizer state at 4,096 ranks (benchmarks/scale_sim.py).
+DEFAULT_ALIGN = 16
+#: Bytes that `align_for_itemsize` aligns to (see DEFAULT_ALIGN).
+ALIGN_NBYTES = 64
+
+
+def align_for_itemsize(itemsize: int) -> int:
+    """Return the alignment in elements that spans ALIGN_NBYTES (64 bytes) of a dtype of `itemsize` bytes.
+
+    16 for fp32, 32 for bf16/fp16 (whose CPU vectors hold twice as many elements: 16-element cuts
+    already change bf16 results with AVX2), 8 for fp64; for `key_to_align` of `build_flat_layout`.
+    """
+    if itemsize < 1:
+        raise ValueError(f"itemsize must be >= 1 byte, got {itemsize}")
+    return max(1, ALIGN_NBYTES // itemsize)
 
 
 def round_up(numel: int, multiple: int) -> int:
@@ -236,8 +254,17 @@ def build_flat_layout(
     keys: Sequence[Hashable] | None = None,
     bucket_numel: int = 1 << 24,
     align: int = DEFAULT_ALIGN,
+    key_to_align: Mapping[Hashable, int] | None = None,
 ) -> Layout:
     """Pack parameters into aligned buckets and cut each bucket into `num_shards` equal ranges.
+
+    Small parameters (fewer than one alignment unit per rank: numel < num_shards * align, e.g.
+    norm weights and biases at many ranks) go into buckets of their own, apart from the large ones
+    of the same key. Every bucket rounds each rank's range up to a multiple of the alignment, which
+    costs up to `align` elements per rank per bucket; large tensors usually have sizes with large
+    power-of-two factors and need little of it, while a few small tensors in every bucket would
+    make every bucket need nearly all of it. Packed together, the small ones pay that rounding in
+    few buckets. With no small parameters, or at one rank, this is plain packing in order.
 
     Args:
         numels: elements of each parameter, in the order the optimizer lists them.
@@ -246,25 +273,35 @@ def build_flat_layout(
             (the caller uses (device, dtype, ...)). Defaults to one key for all.
         bucket_numel: soft cap on the elements of one bucket; a larger parameter gets its own bucket.
         align: every parameter start and every shard boundary is a multiple of this many elements.
+        key_to_align: the alignment of the buckets of some keys, overriding `align` for them
+            (e.g. `align_for_itemsize(dtype.itemsize)` per (device, dtype) key, so every dtype is
+            cut at 64 bytes).
 
     Returns:
-        The layout; its buckets appear in the order they were closed, which is the same on every rank.
+        The layout; its buckets appear in the order of their first parameters (the same on every
+        rank). Within a bucket, and among the buckets of one key and size class (small or large),
+        parameters keep their index order.
     """
     keys = [0] * len(numels) if keys is None else keys
     _check_common(numels, keys, num_shards, align)
-    key_to_open: dict[Hashable, list[tuple[int, int]]] = {}
-    key_to_fill: dict[Hashable, int] = {}
+    key_to_align = dict(key_to_align or {})
+    if any(a < 1 for a in key_to_align.values()):
+        raise ValueError(f"key_to_align values must be >= 1, got {key_to_align}")
+    # Open buckets per (key, is_small parameter).
+    key_to_open: dict[tuple[Hashable, bool], list[tuple[int, int]]] = {}
+    key_to_fill: dict[tuple[Hashable, bool], int] = {}
     buckets: list[BucketLayout] = []
     shard_to_bounds: dict[int, tuple[int, ...]] = {}
 
-    def close(key: Hashable) -> None:
-        members = key_to_open.pop(key)
-        key_to_fill.pop(key)
+    def close(open_key: tuple[Hashable, bool]) -> None:
+        members = key_to_open.pop(open_key)
+        key_to_fill.pop(open_key)
+        key_align = key_to_align.get(open_key[0], align)
         offset, placements = 0, []
         for index, numel in members:
             placements.append(ParamPlacement(index=index, start_global=offset, numel=numel))
-            offset += round_up(numel, align)
-        shard_numel = round_up(-(-offset // num_shards), align)
+            offset += round_up(numel, key_align)
+        shard_numel = round_up(-(-offset // num_shards), key_align)
         # NOTE: buckets of one shard size share one bounds tuple, built by range() in C: at 4,096
         # ranks a tuple per bucket held ~35 MiB for Llama-8B and a generator took ~0.5 s
         # (benchmarks/scale_sim.py).
@@ -275,16 +312,23 @@ def build_flat_layout(
             else:
                 bounds = (0,) * (num_shards + 1)
             shard_to_bounds[shard_numel] = bounds
-        buckets.append(BucketLayout(key, num_shards, bounds, tuple(placements)))
+        buckets.append(BucketLayout(open_key[0], num_shards, bounds, tuple(placements)))
 
     for index, (numel, key) in enumerate(zip(numels, keys, strict=True)):
-        aligned = round_up(numel, align)
-        if key in key_to_open and key_to_fill[key] + aligned > bucket_numel:
-            close(key)
-        key_to_open.setdefault(key, []).append((index, numel))
-        key_to_fill[key] = key_to_fill.get(key, 0) + aligned
-    for key in list(key_to_open):
-        close(key)
+        key_align = key_to_align.get(key, align)
+        aligned = round_up(numel, key_align)
+        open_key = (key, num_shards > 1 and numel < num_shards * key_align)
+        if open_key in key_to_open and key_to_fill[open_key] + aligned > bucket_numel:
+            close(open_key)
+        key_to_open.setdefault(open_key, []).append((index, numel))
+        key_to_fill[open_key] = key_to_fill.get(open_key, 0) + aligned
+    for open_key in list(key_to_open):
+        close(open_key)
+    # NOTE: in the order of their first parameters, not the order they were closed: a bucket of
+    # small tensors from every layer is complete only when backward reaches its first tensor, and
+    # stage 2 launches reduce-scatters strictly from the last bucket down (shardoptim/grads.py), so
+    # at the end of the list it would hold back every other bucket until backward is over.
+    buckets.sort(key=lambda bucket: bucket.placements[0].index)
     return Layout(num_shards, tuple(buckets))
 
 

@@ -6,13 +6,20 @@ state_dict, checkpoint). Must not import torch.distributed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from shardoptim.buffers import FlatBuffers
-from shardoptim.layout import Layout, ShardRange, assign_whole_tensors, build_flat_layout, build_tensor_layout
+from shardoptim.layout import (
+    Layout,
+    ShardRange,
+    align_for_itemsize,
+    assign_whole_tensors,
+    build_flat_layout,
+    build_tensor_layout,
+)
 from shardoptim.master import MasterPiece, MasterShards, needs_master
 
 
@@ -94,7 +101,11 @@ def place_params(
     numels = [p.numel() for p in params]
     layout: Layout
     if not whole_tensors:
-        layout = build_flat_layout(numels, num_shards=world_size, keys=keys, bucket_numel=bucket_numel)
+        # Cuts every 64 bytes of each dtype: 16 fp32, 32 bf16/fp16, 8 fp64 elements (see layout.py).
+        key_to_align: dict[Hashable, int] = {i: align_for_itemsize(key[1].itemsize) for key, i in key_to_id.items()}
+        layout = build_flat_layout(
+            numels, num_shards=world_size, keys=keys, bucket_numel=bucket_numel, key_to_align=key_to_align
+        )
     else:
         costs = [cost(p.shape) for p in params]
         owners = assign_whole_tensors(costs, num_shards=world_size, initial_loads=tensor_loads)

@@ -3,7 +3,8 @@
 The property tests draw random element counts (0, 1 and sizes below the world size included), 1-3
 bucket keys, world sizes 1-64, bucket sizes 64..1 << 20 and alignments 1, 16 and 64, and check the
 invariants the optimizer relies on: every element owned exactly once, aligned non-decreasing bounds,
-keys never mixed, padding bounded, deterministic results. The flat layout cuts every bucket into equal
+keys never mixed, small parameters (under `align` elements per rank) packed apart from large ones,
+padding bounded, deterministic results. The flat layout cuts every bucket into equal
 ranges; the tensor layout gives each rank a range exactly as large as its aligned owned tensors
 (uneven or empty ranges allowed), so padding never exceeds alignment.
 """
@@ -23,6 +24,7 @@ from shardoptim.layout import (
     Layout,
     ParamPlacement,
     ShardRange,
+    align_for_itemsize,
     assign_whole_tensors,
     build_flat_layout,
     build_tensor_layout,
@@ -182,10 +184,27 @@ def test_flat_layout_invariants(inp: _Inputs) -> None:
         # The cap is soft only for a bucket that holds one parameter.
         if len(bucket.placements) > 1:
             assert offset <= inp.bucket_numel
-    # Buckets of one key keep the parameters in index order.
+
+    # Small parameters (under `align` elements per rank) never share a bucket with large ones, and
+    # the buckets of one key and size class keep the parameters in index order.
+    def is_small(index: int) -> bool:
+        return inp.num_shards > 1 and inp.numels[index] < inp.num_shards * inp.align
+
+    for bucket in layout.buckets:
+        assert len({is_small(p.index) for p in bucket.placements}) <= 1, "a bucket mixes small and large"
     for key in set(inp.keys):
-        indices = [p.index for b in layout.buckets if b.key == key for p in b.placements]
-        assert indices == sorted(indices)
+        for small in (False, True):
+            indices = [
+                p.index
+                for b in layout.buckets
+                if b.key == key
+                for p in b.placements
+                if is_small(p.index) == small
+            ]
+            assert indices == sorted(indices)
+    # Buckets appear in the order of their first parameters.
+    firsts = [b.placements[0].index for b in layout.buckets]
+    assert firsts == sorted(firsts)
 
 
 @_PROPERTY
@@ -412,7 +431,7 @@ def test_flat_layout_zero_numel_parameters() -> None:
 
 
 def test_flat_layout_bucket_cap_and_large_tensor() -> None:
-    layout = build_flat_layout([64, 64, 64, 500, 64], num_shards=2, bucket_numel=128, align=64)
+    layout = build_flat_layout([64, 64, 64, 500, 64], num_shards=1, bucket_numel=128, align=64)
     assert [[p.index for p in b.placements] for b in layout.buckets] == [[0, 1], [2], [3], [4]]
     # The large tensor gets a bucket of its own, larger than the cap.
     assert layout.buckets[2].padded_numel == 512
@@ -615,3 +634,43 @@ def test_bad_input_raises_value_error(build: object, match: str) -> None:
     assert callable(build)
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_flat_layout_packs_small_tensors_apart() -> None:
+    # At 4 ranks and align 16, tensors under 64 elements are small: they share buckets of their own
+    # and leave the large tensors' buckets free of their padding.
+    layout = build_flat_layout([4096, 10, 4096, 10, 4096, 10], num_shards=4, bucket_numel=8192, align=16)
+    # Buckets in the order of their first parameters: stage 2 launches them from the last one down,
+    # and the small tensors' bucket is complete only when backward reaches parameter 1.
+    assert [[p.index for p in b.placements] for b in layout.buckets] == [[0, 2], [1, 3, 5], [4]]
+    assert [b.padded_numel for b in layout.buckets] == [8192, 64, 4096]
+    later = build_flat_layout(
+        [4096, 4096, 10, 4096, 4096, 10, 4096], num_shards=4, bucket_numel=8192, align=16
+    )
+    assert [[p.index for p in b.placements] for b in later.buckets] == [[0, 1], [2, 5], [3, 4], [6]]
+    assert layout.padded_numel - layout.numel == 64 - 30
+
+
+def test_flat_layout_one_rank_keeps_plain_order() -> None:
+    layout = build_flat_layout([3, 5000, 1, 7], num_shards=1, bucket_numel=1 << 20, align=16)
+    assert [[p.index for p in b.placements] for b in layout.buckets] == [[0, 1, 2, 3]]
+
+
+def test_flat_layout_key_to_align_per_dtype() -> None:
+    # fp32 (key 0) at 16 elements, bf16 (key 1) at 32: both 64 bytes.
+    key_to_align = {0: align_for_itemsize(4), 1: align_for_itemsize(2)}
+    assert key_to_align == {0: 16, 1: 32}
+    layout = build_flat_layout(
+        [100, 100, 3, 3], num_shards=2, keys=[0, 1, 0, 1], key_to_align=key_to_align, align=1
+    )
+    key_to_bucket = {b.key: b for b in layout.buckets if b.numel > 6}
+    assert [p.start_global for p in key_to_bucket[0].placements] == [0]
+    assert key_to_bucket[0].bounds == (0, 64, 128)
+    assert key_to_bucket[1].bounds == (0, 64, 128)
+    small = [b for b in layout.buckets if b.numel == 3]
+    assert sorted(b.shard_numel for b in small) == [16, 32]
+    with pytest.raises(ValueError, match="key_to_align"):
+        build_flat_layout([1], num_shards=1, key_to_align={0: 0})
+    assert align_for_itemsize(8) == 8 and align_for_itemsize(1) == 64
+    with pytest.raises(ValueError, match="itemsize"):
+        align_for_itemsize(0)
