@@ -451,8 +451,8 @@ class ShardedOptimizer(Stepping, Optimizer):
 
         if not 0 <= to < self._comm.world_size:
             raise ValueError(
-                f"to={to} is not a rank of the shard group (size {self._comm.world_size}); pass a rank in 0.."
-                f"{self._comm.world_size - 1}"
+                f"to={to} is not a rank of the group (world size {self._comm.world_size}); pass a rank in 0.."
+                f"{self._comm.world_size - 1} (with hybrid sharding, a rank of the shard group)"
             )
         lead = self._replicas is None or self._replicas.is_lead
         self._consolidated = consolidate(self, to=to) if lead else None
