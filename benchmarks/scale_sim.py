@@ -5,6 +5,7 @@ Run from the repository root (meta tensors: no model memory; about 5 minutes on 
     python benchmarks/scale_sim.py                                   # meta tensors, the full table
     python benchmarks/scale_sim.py --models gpt2-small --ranks 8,4096 --device cpu   # real CPU tensors
     python benchmarks/scale_sim.py --device cuda --dtype bfloat16 --max-real-gib 40   # CUDA, Llama-8B incl.
+    python benchmarks/scale_sim.py --models gpt2-small --ranks 64,512 --shard-size 8   # hybrid at S=8
 
 For GPT-2 small, Llama-3.2-1B and Llama-3.1-8B shapes (benchmarks/_shapes.py), world sizes N in
 8, 64, 512, 4096 and stages 1 and 2, the optimizer (torch.optim.AdamW, lr 1e-4, defaults otherwise)
@@ -32,9 +33,21 @@ is built as rank r of N for r = 0, N/2 and N-1, two steps are run, and one row i
   kernels' Python and dispatch work only, no arithmetic);
 - grows with N: the allocation sites (file:line) whose retained bytes grew most since the smallest N.
 
+Hybrid sharding (shard within S ranks, replicate across R = N/S; by default S=8 for GPT-2 small
+and Llama-3.1-8B at N=512 and 4096, `--shard-size S` for every model and N, 0 for none): the groups
+come from `shardoptim.hybrid_groups(S)` on the fake group, ranks 0, N/2 and N-1 are built, and a
+second table prints per row: the time of hybrid_groups and of the construction; the state against
+total/S (over all S shard ranks; every replica holds the same); the collectives of one step split
+by group; and the bytes each rank sends per step within the shard group, against (S-1)/S x model
+bytes (stage 1) or 2 (S-1)/S (stage 2), and across the replicate group, against a ring all-reduce
+of its gradient shard, 2 (R-1)/R x model bytes / S (stage 2), or nothing but metadata (stage 1).
+
 Then PASS/FAIL for: construction < 2 s per rank at N=4096 for Llama-3.1-8B; state per rank within
 0.1% of total/N (largest rank; the smallest is printed); traffic per step within 1% of the ideal;
-nothing in the construction growing faster than linearly in N. Exit status 1 if any fails.
+nothing in the construction growing faster than linearly in N. For the hybrid rows: state within
+0.1% of total/S; shard-group traffic within 1% of its ideal, and no call outside the two groups;
+replicate-group traffic within 1% of its ideal (stage 2) or at most 1 MiB per rank per step
+(stage 1, metadata). Exit status 1 if any fails.
 
 What is real and what is simulated:
 - meta (default): parameters, buckets, gradients and optimizer state are meta tensors: shapes, dtypes,
@@ -47,7 +60,11 @@ What is real and what is simulated:
   fails with a clear message when it is missing) completes every collective at once without moving
   data. The library picks its NCCL path on it (all_gather_single / reduce_scatter_single per bucket,
   no shared memory, no MPI). Every call into torch.distributed made from a shardoptim module is
-  recorded (shardoptim.comm is the only caller) with its operation, dtype and element count.
+  recorded (shardoptim.comm is the only caller) with its operation, dtype, element count and group
+  (world, or shard / replicate). Subgroups work on the fake group: hybrid_groups(S) walks all N/S + S
+  rank lists (O(N), the "groups s" column) and creates only this rank's two. Its all_gather_object returns
+  the caller's object in every slot, so the hybrid construction's one object all-gather (the grid
+  check over the replicate group) is answered with what the peers would send (`hybrid_peer_object`).
 - Stage 2 runs a real (meta) backward of sum(p.sum()) so the library's gradient hooks launch the
   reduce-scatters themselves.
 """
@@ -98,6 +115,13 @@ TRAFFIC_TOLERANCE = 1e-2
 SUPERLINEAR_FACTOR = 1.5
 #: Sites that grew by less than this many bytes are not reported as growing.
 GROWTH_FLOOR_NBYTES = 64 << 10
+#: Hybrid rows of the full run (without --shard-size): S, and the models and N they run at.
+DEFAULT_HYBRID_SHARD_SIZE = 8
+DEFAULT_HYBRID_MODELS = ("gpt2-small", "llama-3.1-8b")
+DEFAULT_HYBRID_RANKS = (512, 4096)
+#: Stage-1 hybrid rows: the most bytes a rank may send across its replicate group per step (the
+#: optimizer sends only the hyperparameter sync there, float64 metadata of a few KiB).
+REPLICATE_METADATA_NBYTES = 1 << 20
 #: Bytes of torch.optim.AdamW's per-tensor "step" (a 0-d float32 tensor).
 STEP_NBYTES = 4
 MIB = 1 << 20
@@ -154,6 +178,9 @@ class Collective:
     nbytes: int
     sent_nbytes: int | None
     """Bytes this rank sends under the ring algorithm for `op` (None: no model for this op)."""
+    group: str = "world"
+    """The group the call went to: "world" (the default group), a name given to the recorder
+    ("shard", "replicate"), or "other" (a group the recorder was not told about)."""
 
 
 def ring_sent_nbytes(op: str, nbytes: int, world_size: int) -> int | None:
@@ -239,6 +266,33 @@ def _argument(args: Sequence[Any], kwargs: dict[str, Any], position: int, *names
     return None
 
 
+#: Position of the `group` argument of the recorded functions that take one (when not a keyword).
+_GROUP_POSITION = {
+    "all_gather_single": 2,
+    "all_gather_into_tensor": 2,
+    "reduce_scatter_single": 3,
+    "reduce_scatter_tensor": 3,
+    "all_reduce": 2,
+    "broadcast": 2,
+    "reduce": 3,
+    "all_gather": 2,
+    "all_gather_object": 2,
+    "barrier": 0,
+    "isend": 2,
+    "irecv": 2,
+    "send": 2,
+    "recv": 2,
+}
+
+
+def _call_group(op: str, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """Return the process group argument of one call (None: the default group)."""
+    if "group" in kwargs:
+        return kwargs["group"]
+    position = _GROUP_POSITION.get(op)
+    return args[position] if position is not None and len(args) > position else None
+
+
 def _describe_call(op: str, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, int, int]:
     """Return (dtype, numel, nbytes) of the buffer that sizes the traffic of one call."""
     if op in ("reduce_scatter_single", "reduce_scatter_tensor", "all_to_all_single"):
@@ -269,6 +323,14 @@ class CollectiveRecorder:
     module-level alias of a recorded function (e.g. shardoptim.comm's `_all_gather_single`) with
     recording wrappers that then call torch's own function. All shardoptim submodules are imported
     on entry so that lazily imported ones are covered too. `phase` labels the records.
+
+    Each record names the group of its call: "world" for the default group (traffic modelled on
+    `world_size` ranks), the name given to `name_group` for those groups, "other" for any other
+    group; calls on a subgroup are modelled on that subgroup's size.
+
+    NOTE: the fake group's all_gather_object returns this rank's object in every slot. For a group
+    named with `peer_object`, the slots of the other ranks are then filled with what those ranks
+    would send (see `hybrid_peer_object`), so checks that compare ranks see real peers.
     """
 
     def __init__(self, world_size: int) -> None:
@@ -276,13 +338,51 @@ class CollectiveRecorder:
         self.phase = ""
         self.records: list[Collective] = []
         self._undo: list[tuple[object, str, object]] = []
+        self._id_to_group_name: dict[int, str] = {}
+        self._id_to_peer_object: dict[int, Callable[[object, int, int], object]] = {}
+
+    def name_group(
+        self,
+        group: dist.ProcessGroup,
+        name: str,
+        *,
+        peer_object: Callable[[object, int, int], object] | None = None,
+    ) -> None:
+        """Label the records of calls on `group` with `name` (e.g. "shard", "replicate").
+
+        Args:
+            group: a process group this rank belongs to.
+            name: the label of its records.
+            peer_object: `peer_object(obj, global_rank, peer_global_rank)` returns what the rank
+                `peer_global_rank` sends in an all_gather_object on `group` in which this rank
+                (`global_rank`) sends `obj`; None leaves the fake group's answer (this rank's `obj`
+                in every slot).
+        """
+        self._id_to_group_name[id(group)] = name
+        if peer_object is not None:
+            self._id_to_peer_object[id(group)] = peer_object
+
+    def _group_of(self, group: Any) -> tuple[str, int]:
+        if group is None or group is dist.group.WORLD:
+            return "world", self.world_size
+        return self._id_to_group_name.get(id(group), "other"), dist.get_world_size(group)
 
     def _wrap(self, op: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def recorded(*args: Any, **kwargs: Any) -> Any:
             dtype, numel, nbytes = _describe_call(op, args, kwargs)
-            sent = ring_sent_nbytes(op, nbytes, self.world_size)
-            self.records.append(Collective(self.phase, op, dtype, numel, nbytes, sent))
-            return fn(*args, **kwargs)
+            pg = _call_group(op, args, kwargs)
+            group, group_size = self._group_of(pg)
+            sent = ring_sent_nbytes(op, nbytes, group_size)
+            self.records.append(Collective(self.phase, op, dtype, numel, nbytes, sent, group))
+            out = fn(*args, **kwargs)
+            peer_object = self._id_to_peer_object.get(id(pg)) if pg is not None else None
+            if op == "all_gather_object" and peer_object is not None:
+                object_list = _argument(args, kwargs, 0, "object_list")
+                obj = _argument(args, kwargs, 1, "obj")
+                me = dist.get_rank()
+                for peer in range(len(object_list)):
+                    object_list[peer] = peer_object(obj, me, dist.get_global_rank(pg, peer))
+            return out
 
         return recorded
 
@@ -312,6 +412,34 @@ class CollectiveRecorder:
 
     def in_phase(self, phase: str) -> list[Collective]:
         return [r for r in self.records if r.phase == phase]
+
+
+def hybrid_peer_object(obj: object, global_rank: int, peer_global_rank: int) -> object:
+    """Return what a replicate-group peer sends in the hybrid grid check, given what this rank sends.
+
+    The check (shardoptim.hybrid.Replicas.create) all-gathers (shard rank, shard group size,
+    global ranks of the shard group). Under `hybrid_groups` (blocks of consecutive ranks) the peer
+    holds the same shard rank in a block shifted by `peer_global_rank - global_rank`.
+
+    Raises:
+        RuntimeError: `obj` is not such a triple (the library's check changed; teach this
+            function what the peers send).
+    """
+    if not (
+        isinstance(obj, tuple)
+        and len(obj) == 3
+        and isinstance(obj[0], int)
+        and isinstance(obj[1], int)
+        and isinstance(obj[2], tuple)
+        and global_rank in obj[2]
+    ):
+        raise RuntimeError(
+            f"the rank simulation does not know what the replicate group's peers send in this "
+            f"all_gather_object (this rank sends {obj!r:.200}); only the hybrid grid check (shard rank, "
+            "shard group size, shard group's global ranks) is modelled: extend hybrid_peer_object()"
+        )
+    shift = peer_global_rank - global_rank
+    return (obj[0], obj[1], tuple(m + shift for m in obj[2]))
 
 
 def _import_all_shardoptim_modules() -> None:
@@ -351,6 +479,16 @@ class RankRun:
     """Owned elements of every rank (only with accounting=True; likewise the next two)."""
     rank_to_pieces: list[int] = field(default_factory=list)
     layouts: list[Layout] = field(default_factory=list)
+    num_shards: int = 0
+    """Ranks the state is sharded over: the shard group's size S under hybrid sharding, else
+    `world_size` (0 is read as `world_size`)."""
+    groups_s: float = 0.0
+    """Wall time of `shardoptim.hybrid_groups(S)` (hybrid sharding only)."""
+
+    @property
+    def shard_rank(self) -> int:
+        """This rank's position in its shard group (`rank` without hybrid sharding)."""
+        return self.rank % (self.num_shards or self.world_size)
 
 
 def rank_to_pieces(layouts: Sequence[Layout], world_size: int) -> list[int]:
@@ -397,9 +535,14 @@ def simulate_rank(
     steps: int = 2,
     accounting: bool = False,
     collect: bool = True,
+    shard_size: int | None = None,
     **options: Any,
 ) -> RankRun:
     """Build ShardedOptimizer(AdamW) as `rank` of `world_size` on the fake group and run `steps` steps.
+
+    With `shard_size` S, hybrid sharding: the groups come from `shardoptim.hybrid_groups(S)`
+    (shard groups of S consecutive ranks, replicate groups of the ranks S apart, built on the fake
+    group like on a real one) and the records name the group of each call ("shard", "replicate").
 
     Args:
         shapes: parameter shapes, in model order.
@@ -408,12 +551,23 @@ def simulate_rank(
         device: "meta" (no memory), "cpu" or "cuda".
         dtype: parameter dtype.
         steps: optimizer steps to run after construction (each with gradients, see `_fill_grads_`).
-        accounting: also compute owned elements and pieces of every rank from the layout.
+        accounting: also compute owned elements and pieces of every rank from the layout (every
+            rank of the shard group under hybrid sharding; the replicas own the same).
         collect: run gc.collect() before the construction (steadier RSS) and after the run (frees
             real tensors sooner); each costs up to ~0.5 s with torch loaded.
+        shard_size: hybrid sharding within groups of this many ranks (None: shard over all ranks).
         **options: more ShardedOptimizer keyword arguments (e.g. bucket_numel).
     """
     with fake_group(rank, world_size), CollectiveRecorder(world_size) as recorder:
+        groups_s = 0.0
+        if shard_size is not None:
+            recorder.phase = "groups"
+            start = time.perf_counter()
+            shard_group, replicate_group = shardoptim.hybrid_groups(shard_size)
+            groups_s = time.perf_counter() - start
+            recorder.name_group(shard_group, "shard")
+            recorder.name_group(replicate_group, "replicate", peer_object=hybrid_peer_object)
+            options = {**options, "shard_group": shard_group, "replicate_group": replicate_group}
         params = make_params(shapes, device=device, dtype=dtype)
         if collect:
             gc.collect()
@@ -436,6 +590,13 @@ def simulate_rank(
             opt.zero_grad()
         rank_to_numel = opt.rank_to_numel()
         layouts: list[Layout] = list(opt._layouts)
+        num_shards = opt.world_size  # the shard group's size
+        if num_shards != (shard_size or world_size) or opt.num_replicas != world_size // num_shards:
+            raise RuntimeError(
+                f"rank {rank} of {world_size} with shard_size={shard_size}: the optimizer shards over "
+                f"{num_shards} ranks with {opt.num_replicas} replicas; expected {shard_size or world_size} "
+                f"and {world_size // (shard_size or world_size)}"
+            )
         run = RankRun(
             rank=rank,
             world_size=world_size,
@@ -443,17 +604,19 @@ def simulate_rank(
             build_cpu_s=build_cpu_s,
             rss_delta_nbytes=rss_delta,
             state_nbytes=opt.local_state_nbytes(),
-            owned_numel=rank_to_numel[rank],
+            owned_numel=rank_to_numel[rank % num_shards],
             num_pieces=len(opt.optim.state),
             impl=impl,
             construct=recorder.in_phase("construct"),
             steps=[recorder.in_phase(f"step{i}") for i in range(steps)],
             step_s=step_s,
             step_cpu_s=step_cpu_s,
+            num_shards=num_shards,
+            groups_s=groups_s,
         )
         if accounting:
             run.rank_to_numel = rank_to_numel
-            run.rank_to_pieces = rank_to_pieces(layouts, world_size)
+            run.rank_to_pieces = rank_to_pieces(layouts, num_shards)
             run.layouts = layouts
         del opt, params
     if collect:
@@ -471,15 +634,35 @@ class TracedBuild:
 
 
 def trace_build(
-    shapes: Sequence[Shape], *, rank: int, world_size: int, stage: int, device: str, dtype: torch.dtype
+    shapes: Sequence[Shape],
+    *,
+    rank: int,
+    world_size: int,
+    stage: int,
+    device: str,
+    dtype: torch.dtype,
+    shard_size: int | None = None,
 ) -> TracedBuild:
-    """Build the optimizer once under tracemalloc and return what its Python objects hold."""
-    with fake_group(rank, world_size):
+    """Build the optimizer once under tracemalloc and return what its Python objects hold.
+
+    With `shard_size`, the hybrid groups are built before tracing starts (not counted), and a
+    recorder answers the grid check's object all-gather as the peers would (its few records are
+    traced too).
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fake_group(rank, world_size))
+        options: dict[str, Any] = {}
+        if shard_size is not None:
+            recorder = stack.enter_context(CollectiveRecorder(world_size))
+            shard_group, replicate_group = shardoptim.hybrid_groups(shard_size)
+            recorder.name_group(shard_group, "shard")
+            recorder.name_group(replicate_group, "replicate", peer_object=hybrid_peer_object)
+            options = {"shard_group": shard_group, "replicate_group": replicate_group}
         params = make_params(shapes, device=device, dtype=dtype)
         gc.collect()
         tracemalloc.start()
         try:
-            opt = shardoptim.ShardedOptimizer(params, torch.optim.AdamW, stage=stage, lr=1e-4)
+            opt = shardoptim.ShardedOptimizer(params, torch.optim.AdamW, stage=stage, lr=1e-4, **options)
             gc.collect()
             retained, peak = tracemalloc.get_traced_memory()
             snapshot = tracemalloc.take_snapshot()
@@ -499,7 +682,7 @@ def trace_build(
 
 @dataclass(slots=True)
 class Row:
-    """One (model, N, stage) configuration."""
+    """One (model, N, stage) configuration, sharded over all N ranks or hybrid (S x R)."""
 
     model: str
     world_size: int
@@ -510,6 +693,21 @@ class Row:
     total_numel: int
     num_params: int
     itemsize: int
+    shard_size: int | None = None
+    """Hybrid sharding: the shard group's size S (R = N / S replicas); None: sharded over all N."""
+
+    @property
+    def num_shards(self) -> int:
+        """S under hybrid sharding, else N: the ranks one copy of the state is sharded over."""
+        return self.shard_size or self.world_size
+
+    @property
+    def num_replicas(self) -> int:
+        return self.world_size // self.num_shards
+
+    @property
+    def model_nbytes(self) -> int:
+        return self.total_numel * self.itemsize
 
     @property
     def build_s(self) -> float:
@@ -521,9 +719,9 @@ class Row:
 
     @property
     def ideal_state_nbytes(self) -> float:
-        """total / N, with total what one unsharded torch.optim.AdamW holds."""
+        """total / N (hybrid: total / S), with total what one unsharded torch.optim.AdamW holds."""
         total = 2 * self.itemsize * self.total_numel + STEP_NBYTES * self.num_params
-        return total / self.world_size
+        return total / self.num_shards
 
     def predicted_state(self, numel: int, pieces: int) -> int:
         return 2 * self.itemsize * numel + STEP_NBYTES * pieces
@@ -555,8 +753,50 @@ class Row:
         return self.runs[0].steps[-1]
 
     @property
+    def shard_group_name(self) -> str:
+        """The recorder's name of the group the state is sharded over."""
+        return "shard" if self.shard_size else "world"
+
+    def step_in(self, group: str) -> list[Collective]:
+        """The second step's calls on `group` ("world", "shard", "replicate", "other")."""
+        return [r for r in self.step if r.group == group]
+
+    @property
+    def stray(self) -> list[Collective]:
+        """Calls of any step or the construction outside the group(s) this row should use."""
+        expected = {"shard", "replicate"} if self.shard_size else {"world"}
+        calls = [r for run in self.runs for phase in (run.construct, *run.steps) for r in phase]
+        return [r for r in calls if r.group not in expected]
+
+    @property
     def sent_nbytes(self) -> int:
-        return sum(r.sent_nbytes or 0 for r in self.step)
+        """Bytes one rank sends per step within the group the state is sharded over."""
+        return sum(r.sent_nbytes or 0 for r in self.step_in(self.shard_group_name))
+
+    @property
+    def replicate_sent_nbytes(self) -> int:
+        """Bytes one rank sends per step across its replicate group (0 without hybrid sharding)."""
+        return sum(r.sent_nbytes or 0 for r in self.step_in("replicate"))
+
+    @property
+    def replicate_ideal_sent_nbytes(self) -> float:
+        """Stage 2: a ring all-reduce of this rank's gradient shard, 2 (R-1)/R x model bytes / S.
+        Stage 1: 0 (DDP's all-reduce over all ranks is not the optimizer's)."""
+        if self.stage != 2:
+            return 0.0
+        r = self.num_replicas
+        return 2 * (r - 1) / r * self.model_nbytes / self.num_shards
+
+    @property
+    def replicate_ratio(self) -> float:
+        """Replicate-group bytes over their ideal (stage 2; NaN at stage 1, where the ideal is 0)."""
+        ideal = self.replicate_ideal_sent_nbytes
+        return self.replicate_sent_nbytes / ideal if ideal else float("nan")
+
+    @property
+    def replicate_max_call_nbytes(self) -> int:
+        """The largest buffer of one replicate-group call in the step (0 if none)."""
+        return max((r.nbytes for r in self.step_in("replicate")), default=0)
 
     @property
     def unmodelled(self) -> list[str]:
@@ -564,9 +804,9 @@ class Row:
 
     @property
     def ideal_sent_nbytes(self) -> float:
-        model_nbytes = self.total_numel * self.itemsize
+        """Within the shard group (N ranks, or S under hybrid sharding), under ring algorithms."""
         passes = 2 if self.stage == 2 else 1  # reduce-scatter + all-gather, or all-gather only
-        return passes * model_nbytes * (self.world_size - 1) / self.world_size
+        return passes * self.model_nbytes * (self.num_shards - 1) / self.num_shards
 
     @property
     def traffic_ratio(self) -> float:
@@ -574,9 +814,20 @@ class Row:
 
 
 def measure(
-    model: str, shapes: Sequence[Shape], *, world_size: int, stage: int, device: str, dtype: torch.dtype
+    model: str,
+    shapes: Sequence[Shape],
+    *,
+    world_size: int,
+    stage: int,
+    device: str,
+    dtype: torch.dtype,
+    shard_size: int | None = None,
 ) -> Row:
-    """Simulate ranks 0, N/2 and N-1 of one configuration (and trace rank 0's construction)."""
+    """Simulate ranks 0, N/2 and N-1 of one configuration (and trace rank 0's construction).
+
+    With `shard_size` S (hybrid), these are: the lead replica's first rank, the first rank of
+    replica R/2 and the last rank of the last replica.
+    """
     ranks = sorted({0, world_size // 2, world_size - 1})
     runs = [
         simulate_rank(
@@ -587,10 +838,13 @@ def measure(
             device=device,
             dtype=dtype,
             accounting=(i == 0),
+            shard_size=shard_size,
         )
         for i, r in enumerate(ranks)
     ]
-    traced = trace_build(shapes, rank=0, world_size=world_size, stage=stage, device=device, dtype=dtype)
+    traced = trace_build(
+        shapes, rank=0, world_size=world_size, stage=stage, device=device, dtype=dtype, shard_size=shard_size
+    )
     return Row(
         model=model,
         world_size=world_size,
@@ -601,6 +855,7 @@ def measure(
         total_numel=sum(numel_of(s) for s in shapes),
         num_params=len(shapes),
         itemsize=torch.empty(0, dtype=dtype).element_size(),
+        shard_size=shard_size,
     )
 
 
@@ -712,11 +967,81 @@ def print_model_table(model: str, rows: Sequence[Row], device: str) -> None:
         if row.unmodelled:
             notes.append(f"N={row.world_size} stage {row.stage}: no traffic model for {row.unmodelled}")
     notes.append(
-        "sizes are each call's full buffer (all-gather output, reduce-scatter input); AG f64 is the "
-        "per-step all-gather of the packed hyperparameters (N rows; at stage 2 plus one flag per parameter)"
+        "sizes are each call's full buffer (all-gather output, reduce-scatter input); the f64 call is the "
+        "per-step hyperparameter sync (at stage 2 one flag per parameter rides along)"
     )
     construct = {summarize_collectives(r.runs[0].construct) for r in rows}
     notes.append(f"construction collectives (every N and stage): {' | '.join(sorted(construct)) or 'none'}")
+    for note in notes:
+        print(f"- {note}")
+
+
+def print_hybrid_table(rows: Sequence[Row]) -> None:
+    """Print the hybrid rows: state against total/S and traffic per group against its ideal."""
+    if not rows:
+        return
+    print(
+        "\n## Hybrid sharding: state sharded within S ranks (shard group), R = N/S replicas (replicate group)\n"
+    )
+    print(
+        "| model | N = S x R | stage | built ranks | groups s | build s wall (cpu), median | host MiB traced | "
+        "state/rank | state max/ideal (min), ideal total/S | shard group: collectives per step | sent/rank/step "
+        "| ideal | sent/ideal | replicate group: collectives per step | sent/rank/step | ideal | sent/ideal "
+        "| step s wall (cpu) |"
+    )
+    print("|" + "---|" * 18)
+    for row in rows:
+        first = row.runs[0]
+        ratio = "-" if row.stage == 1 else f"{row.replicate_ratio:.5f}"
+        print(
+            f"| {row.model} | {row.world_size} = {row.num_shards} x {row.num_replicas} | {row.stage} "
+            f"| {','.join(str(r.rank) for r in row.runs)} "
+            f"| {statistics.median(r.groups_s for r in row.runs):.3f} "
+            f"| {row.build_s:.3f} ({row.build_cpu_s:.3f}) | {row.traced.retained_nbytes / MIB:.2f} "
+            f"| {_fmt_nbytes(first.state_nbytes)} | {row.state_ratio_max:.6f} ({row.state_ratio_min:.4f}) "
+            f"| {summarize_collectives(row.step_in('shard'))} "
+            f"| {_fmt_nbytes(row.sent_nbytes)} | {_fmt_nbytes(row.ideal_sent_nbytes)} | {row.traffic_ratio:.5f} "
+            f"| {summarize_collectives(row.step_in('replicate'))} "
+            f"| {_fmt_nbytes(row.replicate_sent_nbytes)} | {_fmt_nbytes(row.replicate_ideal_sent_nbytes)} "
+            f"| {ratio} | {first.step_s[-1]:.3f} ({first.step_cpu_s[-1]:.3f}) |"
+        )
+    notes = []
+    for row in rows:
+        where = f"{row.model} N={row.world_size} S={row.num_shards} stage {row.stage}"
+        for run in row.runs:
+            if Counter((r.op, r.group, r.nbytes) for r in run.steps[0]) != Counter(
+                (r.op, r.group, r.nbytes) for r in run.steps[-1]
+            ):
+                notes.append(
+                    f"{where} rank {run.rank}: first step differs: {summarize_collectives(run.steps[0])}"
+                )
+        for mismatch in row.state_mismatches():
+            notes.append(f"{where}: state formula mismatch, {mismatch}")
+        if row.unmodelled:
+            notes.append(f"{where}: no traffic model for {row.unmodelled}")
+        if row.stray:
+            notes.append(
+                f"{where}: calls outside the shard and replicate groups: {summarize_collectives(row.stray)}"
+            )
+    construct = {
+        f"shard: {summarize_collectives([c for c in r.runs[0].construct if c.group == 'shard']) or 'none'}; "
+        f"replicate: {summarize_collectives([c for c in r.runs[0].construct if c.group == 'replicate']) or 'none'}"
+        for r in rows
+    }
+    notes.append(f"construction collectives (every row): {' | '.join(sorted(construct))}")
+    notes.append(
+        "groups s: shardoptim.hybrid_groups(S) on the fake group (walks all N/S + S rank lists, O(N); "
+        "creates this rank's two groups); build s: ShardedOptimizer(...) alone. Shard-group ideal: (S-1)/S x model bytes (stage 1, "
+        "all-gather) or 2 (S-1)/S (stage 2, + reduce-scatter); replicate-group ideal: stage 2 a ring "
+        "all-reduce of this rank's gradient shard, 2 (R-1)/R x model bytes / S; stage 1 none. Both "
+        "measured columns include the small per-step hyperparameter sync (the f64 calls) and, at stage 2 "
+        "on the replicate group, the gradient-flag all-reduce (the smallest AR f32)"
+    )
+    notes.append(
+        "the fake group's all_gather_object returns this rank's object in every slot: the grid check's "
+        "one object all-gather over the replicate group is answered with what the peers would send "
+        "(hybrid_peer_object)"
+    )
     for note in notes:
         print(f"- {note}")
 
@@ -780,6 +1105,29 @@ def print_what_if(models: Sequence[str], ranks: Sequence[int]) -> None:
             print(f"| {model} | {stage} | {' | '.join(cells)} |")
 
 
+def hybrid_configs(
+    models: Sequence[str], ranks: Sequence[int], shard_size: int | None
+) -> list[tuple[str, int, int]]:
+    """Return the (model, N, S) of the hybrid rows, in run order.
+
+    `shard_size` None: the default set (S=DEFAULT_HYBRID_SHARD_SIZE for DEFAULT_HYBRID_MODELS at
+    DEFAULT_HYBRID_RANKS, those of them in `models` and `ranks`); 0: none; S: every model of
+    `models` at every N of `ranks` that S divides with at least two replicas.
+    """
+    if shard_size == 0:
+        return []
+    if shard_size is None:
+        s = DEFAULT_HYBRID_SHARD_SIZE
+        return [
+            (m, n, s)
+            for m in models
+            if m in DEFAULT_HYBRID_MODELS
+            for n in ranks
+            if n in DEFAULT_HYBRID_RANKS
+        ]
+    return [(m, n, shard_size) for m in models for n in ranks if n % shard_size == 0 and n >= 2 * shard_size]
+
+
 def warm_up() -> float:
     """Build a tiny optimizer once (one-time imports); return how long that first build took."""
     with fake_group(0, 2):
@@ -798,7 +1146,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--max-real-gib", type=float, default=2.0, help="skip models whose parameters exceed this on cpu/cuda"
     )
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        metavar="S",
+        help="hybrid rows: shard within groups of S consecutive ranks, replicate across them, for every "
+        "model and every N that S divides (N >= 2S), after the plain rows. Default: S="
+        f"{DEFAULT_HYBRID_SHARD_SIZE} for {','.join(DEFAULT_HYBRID_MODELS)} at N="
+        f"{','.join(map(str, DEFAULT_HYBRID_RANKS))} (those selected); 0: no hybrid rows",
+    )
     args = parser.parse_args(argv)
+    if args.shard_size is not None and args.shard_size < 0:
+        parser.error(f"--shard-size must be 0 (off) or a positive number of ranks, got {args.shard_size}")
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -848,6 +1208,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         all_rows += rows
         print_model_table(model, rows, args.device)
         sys.stdout.flush()
+
+    hybrid_rows: list[Row] = []
+    for model, n, shard_size in hybrid_configs(
+        [m for m in models if m in {r.model for r in all_rows}], ranks, args.shard_size
+    ):
+        for stage in stages:
+            start = time.perf_counter()
+            row = measure(
+                model,
+                MODELS[model](),
+                world_size=n,
+                stage=stage,
+                device=args.device,
+                dtype=dtype,
+                shard_size=shard_size,
+            )
+            print(
+                f"[{model} N={n} S={shard_size} stage {stage}: {time.perf_counter() - start:.1f} s]",
+                file=sys.stderr,
+            )
+            hybrid_rows.append(row)
+    print_hybrid_table(hybrid_rows)
 
     superlinear = print_growth(rows_by_key)
     print_what_if(models, ranks)
@@ -904,7 +1286,64 @@ def main(argv: Sequence[str] | None = None) -> int:
             else " (retained bytes per site, build time, collectives)"
         ),
     )
+    if hybrid_rows:
+        hybrid_verdicts(hybrid_rows, verdict)
     return 1 if failed else 0
+
+
+def hybrid_verdicts(rows: Sequence[Row], verdict: Callable[[bool, str], None]) -> None:
+    """Call `verdict(ok, text)` once per target of the hybrid rows."""
+
+    def name(r: Row) -> str:
+        return f"{r.model} N={r.world_size} S={r.num_shards} s{r.stage}"
+
+    bad_state = [r for r in rows if r.state_ratio_max > 1 + STATE_TOLERANCE or r.state_mismatches()]
+    worst = max(rows, key=lambda r: r.state_ratio_max)
+    verdict(
+        not bad_state,
+        f"hybrid: state per rank within {STATE_TOLERANCE:.1%} of total/S (largest of the S shard ranks, "
+        f"every replica the same): worst {worst.state_ratio_max:.6f} ({name(worst)}); over: "
+        + (", ".join(f"{name(r)} {r.state_ratio_max:.5f}" for r in bad_state) or "none"),
+    )
+    bad_shard = [r for r in rows if abs(r.traffic_ratio - 1) > TRAFFIC_TOLERANCE or r.unmodelled or r.stray]
+    worst = max(rows, key=lambda r: abs(r.traffic_ratio - 1))
+    verdict(
+        not bad_shard,
+        f"hybrid: shard-group traffic per step within {TRAFFIC_TOLERANCE:.0%} of (S-1)/S (stage 1) or "
+        f"2 (S-1)/S (stage 2) x model bytes, and no call outside the two groups: worst "
+        f"{worst.traffic_ratio:.5f} ({name(worst)}); over: "
+        + (
+            ", ".join(
+                f"{name(r)} {r.traffic_ratio:.4f}{' +stray calls' if r.stray else ''}" for r in bad_shard
+            )
+            or "none"
+        ),
+    )
+    stage2 = [r for r in rows if r.stage == 2]
+    if stage2:
+        bad = [r for r in stage2 if abs(r.replicate_ratio - 1) > TRAFFIC_TOLERANCE]
+        worst = max(stage2, key=lambda r: abs(r.replicate_ratio - 1))
+        verdict(
+            not bad,
+            f"hybrid stage 2: replicate-group traffic per step within {TRAFFIC_TOLERANCE:.0%} of a ring "
+            f"all-reduce of the gradient shard, 2 (R-1)/R x model bytes / S: worst {worst.replicate_ratio:.5f} "
+            f"({name(worst)}, {_fmt_nbytes(worst.replicate_sent_nbytes)} of "
+            f"{_fmt_nbytes(worst.replicate_ideal_sent_nbytes)}); over: "
+            + (", ".join(f"{name(r)} {r.replicate_ratio:.4f}" for r in bad) or "none"),
+        )
+    stage1 = [r for r in rows if r.stage == 1]
+    if stage1:
+        bad = [r for r in stage1 if r.replicate_sent_nbytes > REPLICATE_METADATA_NBYTES]
+        worst = max(stage1, key=lambda r: r.replicate_sent_nbytes)
+        verdict(
+            not bad,
+            f"hybrid stage 1: only metadata crosses the replicate group, at most "
+            f"{_fmt_nbytes(REPLICATE_METADATA_NBYTES)} per rank per step: worst "
+            f"{_fmt_nbytes(worst.replicate_sent_nbytes)} ({name(worst)}: "
+            f"{summarize_collectives(worst.step_in('replicate')) or 'nothing'}, "
+            f"{worst.replicate_sent_nbytes / worst.model_nbytes:.2e} of the model bytes); over: "
+            + (", ".join(f"{name(r)} {_fmt_nbytes(r.replicate_sent_nbytes)}" for r in bad) or "none"),
+        )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ _Entry = tuple[int, str, str, int]
 _MIN_CAPACITY = 64
 # Marks a packed vector whose values did not fit the agreed capacity (fingerprints are >= 0).
 _OVERFLOW = -1.0
+#: How a NaN option enters the agreement all-reduce (which has no max for NaN).
+_NAN_KEY = 1.5e308
 
 
 def _scalar_kind(value: object) -> str | None:
@@ -190,15 +192,19 @@ class HparamSyncer:
     ) -> torch.Tensor | None:
         """Make the numeric options of `groups` identical on every rank, or check that they are.
 
-        `extra` (a small 1-D tensor, the same length on every rank) rides along in the same
-        all-gather; every rank's copy is returned as a (world_size, len) float64 tensor (None
-        without `extra`). With mode "off" it gets an all-gather of its own.
+        `extra` (a small 1-D tensor of flags, the same length on every rank) rides along; the
+        result is a (rows, len) float64 tensor whose maximum over its rows is the maximum over
+        ranks (one row when the options agreed, every rank's row otherwise; None without
+        `extra`). With mode "off" it gets an all-reduce of its own.
 
-        "broadcast" overwrites every rank's values with rank `source`'s (0 by default); "check" raises RuntimeError on
-        every rank when any value differs, naming the group, the key and the value on each rank;
-        "off" does nothing. Both other modes use one all-gather of a small float64 vector (a
-        second one only when the options outgrow the agreed size), so a rank whose groups differ
-        in structure makes every rank raise the same error instead of leaving rank 0 waiting.
+        "broadcast" overwrites every rank's values with rank `source`'s (0 by default); "check"
+        raises RuntimeError on every rank when any value differs, naming the group, the key and
+        the value on each rank; "off" does nothing. Both other modes first all-reduce (max) the
+        small float64 vector of values and of their negations: when every rank holds the same
+        values (the usual case) that is all, and its size does not grow with the ranks. Only a
+        difference brings an all-gather of every rank's vector (a second one when the options
+        outgrow the agreed size), so a rank whose groups differ in structure makes every rank
+        raise the same error instead of leaving rank 0 waiting.
 
         Collective: call on every rank of the group, in the same order (except with mode "off").
         """
@@ -209,7 +215,13 @@ class HparamSyncer:
         if self.mode == "off":
             if extra64 is None:
                 return None
-            return comm.all_gather(extra64.to(comm.device), what="step flags").cpu()
+            flags = extra64.to(comm.device)
+            comm.all_reduce_(flags, op="max", what="step flags")
+            return flags.cpu().unsqueeze(0)
+        packed = pack_hparams(groups, capacity=self.capacity)[0]
+        same, extras = self._all_equal(packed, extra64)
+        if same and packed[0] != _OVERFLOW:  # all overflowing alike is not agreeing: grow below
+            return extras
 
         def gather() -> tuple[torch.Tensor, list[Any]]:
             packed, entries = pack_hparams(groups, capacity=self.capacity)
@@ -244,6 +256,23 @@ class HparamSyncer:
                 "shardoptim.all_reduce_metric), or use hparam_sync='broadcast'"
             )
         return extras
+
+
+    def _all_equal(self, packed: torch.Tensor, extra64: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
+        """Return (whether `packed` is the same on every rank, the max over ranks of `extra64` as one row).
+
+        Collective: one all-reduce (max) of [packed, -packed, extra64] on every rank.
+        """
+        comm = self.comm
+        # NOTE: NaN has no max; a NaN option compares as this sentinel (infinities stay themselves).
+        key = torch.nan_to_num(packed, nan=_NAN_KEY, posinf=math.inf, neginf=-math.inf)
+        parts = [key, -key] + ([] if extra64 is None else [extra64])
+        probe = torch.cat(parts).to(comm.device)
+        comm.all_reduce_(probe, op="max", what=f"hyperparameter {self.mode}")
+        probe = probe.cpu()
+        n = key.numel()
+        same = bool(torch.equal(probe[:n], -probe[n : 2 * n]))
+        return same, None if extra64 is None else probe[2 * n :].unsqueeze(0)
 
 
 def sync_hparams_(groups: Sequence[dict[str, Any]], comm: Comm, *, mode: HparamSync) -> None:

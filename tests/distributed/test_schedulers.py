@@ -358,8 +358,11 @@ def test_scheduler_parity(pool_for: Any, name: str, world_size: int) -> None:
 
 
 def _count_hparam_collectives(opt: ShardedOptimizer) -> dict[str, int]:
-    """Count the hyperparameter collectives (Comm.broadcast_ / Comm.all_gather) of `opt` from now on."""
-    counts = {"broadcast_": 0, "all_gather": 0}
+    """Count the hyperparameter collectives (Comm.broadcast_ / all_reduce_ / all_gather) of `opt` from now on.
+
+    Every step agrees with one all-reduce; an all-gather follows only when the options differ.
+    """
+    counts = {"broadcast_": 0, "all_reduce_": 0, "all_gather": 0}
     comm = opt._comm
     for method in counts:
         inner = getattr(comm, method)
@@ -426,7 +429,9 @@ def test_plateau_divergent_metric_broadcast(pool_for: Any, world_size: int) -> N
     assert results[0]["lrs"][3] == [0.1, 0.05], "the other ranks' earlier plateau must not"
     # NOTE: the schedulers' own state still differs per rank; only the optimizer's options are made equal.
     assert results[1]["best"] != results[0]["best"]
-    assert all(r["counts"] == {"broadcast_": 0, "all_gather": STEPS} for r in results), results[0]["counts"]
+    # one all-reduce per step; an all-gather only in the 4 steps whose options differed across ranks
+    expected = {"broadcast_": 0, "all_reduce_": STEPS, "all_gather": 4}
+    assert all(r["counts"] == expected for r in results), results[0]["counts"]
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -444,7 +449,7 @@ def test_plateau_divergent_metric_check_raises_on_every_rank(pool_for: Any, worl
         for other in range(1, world_size):
             assert f"rank {other}: 0.05" in msg, msg
         assert "all_reduce_metric" in msg, "the message should say how to fix it"
-        assert r["counts"] == {"broadcast_": 0, "all_gather": 4}
+        assert r["counts"] == {"broadcast_": 0, "all_reduce_": 4, "all_gather": 1}
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -495,7 +500,7 @@ def test_manual_lr_on_one_rank_broadcast(pool_for: Any, world_size: int) -> None
         assert r["error"] is None
         assert r["lrs"] == [0.01, 0.01, 0.01], "rank 0's lr must win"
         assert r["local_lr"] == 0.01 and r["same_as_ref"]
-        assert r["counts"] == {"broadcast_": 0, "all_gather": 3}
+        assert r["counts"] == {"broadcast_": 0, "all_reduce_": 3, "all_gather": 1}  # rank 1's lr: first step
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -519,7 +524,7 @@ def test_manual_lr_on_one_rank_off_is_the_users_choice(pool_for: Any, world_size
     """
     results = pool_for(world_size).run(_check_manual_lr, mode="off", steps=3)
     assert all(r["error"] is None for r in results)
-    assert all(r["counts"] == {"broadcast_": 0, "all_gather": 0} for r in results), results
+    assert all(r["counts"] == {"broadcast_": 0, "all_reduce_": 0, "all_gather": 0} for r in results), results
     assert results[0]["lrs"] == [0.01, 0.01, 0.01]
     assert results[1]["lrs"] == [0.01, 1e-5, 1e-5] and results[1]["local_lr"] == 1e-5
     assert not results[0]["same_as_ref"], "rank 1's shard should have moved with its own lr"
