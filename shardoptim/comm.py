@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 #: Under an MPI launcher, CPU buckets may go through mpi4py instead (see `Comm.mpi_gather`).
 GatherMethod = Literal["broadcast", "all_gather", "shm"]
 
-#: At most this many bytes of buckets share one shared-memory gather round (two barriers).
-_SHM_ROUND_NBYTES = 256 << 20
 #: Timing repeats per candidate when choosing between MPI and torch.distributed.
 _CALIBRATION_REPEATS = 3
 #: MPI collectives wait this long when the Comm has no timeout (torch's default group timeout).
@@ -184,7 +182,6 @@ class Comm:
         self.mpi_gather: bool | None = None if self.backend == "gloo" else False
         self.mpi_reduce: bool | None = None if self.backend == "gloo" else False
         self._staging: SharedStaging | None = None
-        self._reduce_staging: SharedStaging | None = None
         self._mpi: MpiCollectives | None = None
         self._scratches: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
@@ -249,26 +246,20 @@ class Comm:
             logger.info("%s: MPI %.2f ms, torch.distributed %.2f ms", what, 1e3 * mpi_s, 1e3 * torch_s)
         return bool(mpi_s < torch_s)
 
-    def _shared_staging(self, *, for_reductions: bool = False) -> SharedStaging:
-        """Return the staging area for gathers, or the separate one for reductions.
+    def _shared_staging(self) -> SharedStaging:
+        """Return the one staging area of the group, for gathers and reduce-scatters alike.
 
-        NOTE: reductions skip their trailing barrier (see SharedStaging.reduce_scatter_), so
-        their area must not be shared with the gathers'.
+        NOTE: one fixed area of two halves (shm.HALF_NBYTES each) serves every shared-
+        memory collective, in the order they are called: its RSS is bounded whatever the model.
         """
-        staging = self._reduce_staging if for_reductions else self._staging
-        if staging is None:
-            what = "gradient reduce-scatter" if for_reductions else "parameter gather"
-            staging = SharedStaging(
+        if self._staging is None:
+            self._staging = SharedStaging(
                 self.rank,
                 self.world_size,
                 functools.partial(self.all_gather_object, what="shared-memory setup"),
-                functools.partial(self.barrier, what=f"{what} (shared memory)"),
+                lambda what: self.barrier(what=what),
             )
-            if for_reductions:
-                self._reduce_staging = staging
-            else:
-                self._staging = staging
-        return staging
+        return self._staging
 
     @property
     def prefix(self) -> str:
@@ -359,28 +350,18 @@ class Comm:
         return method == "shm" or (self._mpi is not None and self.mpi_gather is not False)
 
     def gather_buckets_(self, buckets: Sequence[tuple[torch.Tensor, Sequence[int]]], *, what: str) -> None:
-        """Gather several buckets now; on shared memory in rounds of up to 256 MiB, two barriers each.
+        """Gather several buckets now; on shared memory in rounds of one staging half, one barrier each.
 
         Collective: call on every rank of the group, in the same order, with the same buckets.
         """
         batch: list[tuple[torch.Tensor, Sequence[int]]] = []
         method = self._resolve_gather_method()
         if method == "shm" and (self._mpi is None or self.mpi_gather is False):
-            rounds: list[list[tuple[torch.Tensor, Sequence[int]]]] = [[]]
-            nbytes = 0
-            for bucket, bounds in buckets:
-                size = bucket.numel() * bucket.element_size()
-                if bucket.device.type != "cpu" or bounds[-1] == 0:
-                    batch.append((bucket, bounds))
-                    continue
-                if rounds[-1] and nbytes + size > _SHM_ROUND_NBYTES:
-                    rounds.append([])
-                    nbytes = 0
-                rounds[-1].append((bucket, bounds))
-                nbytes += size
-            for members in rounds:
-                if members and not self._shared_staging().gather_many_(members):
-                    batch.extend(members)  # too big for /dev/shm: bucket by bucket
+            staged = [(b, bounds) for b, bounds in buckets if b.device.type == "cpu" and bounds[-1] > 0]
+            batch = [(b, bounds) for b, bounds in buckets if b.device.type != "cpu" or bounds[-1] == 0]
+            if staged and not self._shared_staging().gather_many_(staged):
+                self.gather_method = "broadcast"  # /dev/shm too small: same on every rank
+                batch.extend(staged)
         else:
             batch = list(buckets)
         pending = [self.gather_bucket_async(b, bounds, what=what) for b, bounds in batch]
@@ -418,7 +399,7 @@ class Comm:
             if self.mpi_reduce is None:
                 self.mpi_reduce = False
                 if method == "shm":  # the one torch way that is idempotent and may be faster
-                    staging = self._shared_staging(for_reductions=True)
+                    staging = self._shared_staging()
 
                     def torch_way() -> None:
                         staging.reduce_scatter_(bucket, bounds, torch.empty_like(total))
@@ -435,7 +416,7 @@ class Comm:
                 return PendingReduce(self, [], total=total, out=out, accumulate=accumulate, what=what)
         if method == "shm" and bucket.device.type == "cpu":
             scale = 1.0 / self.world_size
-            staging = self._shared_staging(for_reductions=True)
+            staging = self._shared_staging()
             if staging.reduce_scatter_(bucket, bounds, out, accumulate=accumulate, scale=scale):
                 return PendingReduce(self, [], total=None, out=out, accumulate=accumulate, what=what)
             self.gather_method = method = "broadcast"  # /dev/shm too small: same on every rank

@@ -7,8 +7,8 @@ backward goes on; buckets are launched strictly in one fixed order (last bucket 
 backward usually produces them), so every rank enters the same collectives in the same order even
 when their graphs differ. At the end of each backward pass the buckets still waiting (parameters
 unused on this rank, or behind one in the order) are launched, every reduction is waited for and
-added into the gradient shard, and the full buckets are released (the largest POOL_SIZE kept for
-reuse): steady-state gradient memory is total/N plus the buckets in flight.
+added into the gradient shard, and the full buckets are released (the largest kept for reuse, up
+to POOL_NBYTES): steady-state gradient memory is total/N plus the buckets in flight.
 
 Inside `no_sync()` the hooks only note that a gradient arrived: gradients accumulate in full in
 `.grad` as usual, and are reduced by the next backward outside `no_sync()` or by `flush_()`.
@@ -30,11 +30,17 @@ from shardoptim.comm import Comm, PendingReduce
 #: Reductions allowed in flight before backward waits for the oldest (its full bucket is then
 #: released): bounds gradient memory to the shards plus this many buckets (plus those filling).
 MAX_IN_FLIGHT = 2
-#: Released full buckets kept for reuse, per (dtype, device): the largest ones, each serving any
-#: bucket that fits. A fresh allocation of a large buffer costs page faults on every step (about
-#: 7 ms per 16 MiB here, 10x the copy into it), so this many buckets of gradient memory stay
-#: allocated between steps: the buckets in flight.
+#: At most this many released full buckets are kept for reuse, per (dtype, device): the largest
+#: ones, each serving any bucket that fits. A fresh allocation of a large buffer costs page faults
+#: on every step (about 7 ms per 16 MiB here, 10x the copy into it), so some gradient memory stays
+#: allocated between steps, bounded by bytes (POOL_NBYTES) as well as by this count.
 POOL_SIZE = 2
+#: At most this many bytes of released full buckets are kept for reuse, per (dtype, device); the
+#: largest one is kept even when larger (so one bucket filling at a time never allocates). 32 MiB
+#: is two default stage-2 buckets of fp32 (4 Mi elements): two fill at once at the seam between
+#: buckets, and keeping only one saved no RSS in benchmarks/memory.py (glibc keeps the freed one
+#: resident) while paying a fresh allocation every step. Larger buckets keep only the largest.
+POOL_NBYTES = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,12 +310,21 @@ class GradReducer:
         return torch.empty(bucket.numel, dtype=bucket.dtype, device=bucket.device)
 
     def _give_back(self, bucket: _GradBucket, buffer: torch.Tensor) -> None:
-        """Keep a released full bucket for reuse: the POOL_SIZE largest per (dtype, device)."""
+        """Keep a released full bucket for reuse, within POOL_NBYTES and POOL_SIZE per (dtype, device).
+
+        The largest buffers are kept: always the first, then the next while the total fits.
+        """
         base = buffer if buffer._base is None else buffer._base
         pool = self._pool.setdefault((bucket.dtype, bucket.device), [])
         pool.append(base)
         pool.sort(key=lambda t: t.numel(), reverse=True)
-        del pool[POOL_SIZE:]
+        nbytes, keep = 0, 0
+        for t in pool[:POOL_SIZE]:
+            nbytes += t.numel() * t.element_size()
+            if keep and nbytes > POOL_NBYTES:
+                break
+            keep += 1
+        del pool[keep:]
 
     def _end_pass(self) -> None:
         self._launch_rest_and_wait()

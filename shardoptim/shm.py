@@ -1,10 +1,15 @@
-"""A node-local shared-memory staging area for gathering CPU buckets between ranks of one host.
+"""A node-local shared-memory staging area for gathering and reduce-scattering CPU buckets.
 
 gloo moves CPU tensors between local ranks through TCP loopback: the kernel copies every byte
 twice and the gather dominates a sharded step. When every rank of the group runs on one host, a
 bucket is gathered instead by each rank copying its fresh range into a shared staging buffer
-(one per host, in /dev/shm), a barrier, each rank copying the other ranges out, and a second
-barrier before the buffer is reused. The parameters themselves stay private to each rank.
+(one per host, in /dev/shm), a barrier, and each rank copying the other ranges out; a gradient
+bucket is reduce-scattered by each rank copying its contribution in, a barrier, and each rank
+adding up its own range. The parameters and gradients themselves stay private to each rank.
+
+The staging area has a fixed size (two halves of HALF_NBYTES, used in turn), whatever the model:
+every rank maps it and counts it in its RSS, so it streams large buckets in rounds instead of
+holding them whole.
 
 Must not import shardoptim.optimizer.
 """
@@ -46,14 +51,34 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // 64) * 64
 
 
+#: Bytes of one half of the staging area (it has two, used in turn). Gathers and reduce-scatters
+#: of any size stream through it in rounds of at most this many bytes, one barrier each, so the
+#: staging every rank maps (and counts in its RSS) is 2 x this, whatever the model and buckets.
+#: Smaller halves mean more barriers per step (see benchmarks/memory.py for the trade).
+HALF_NBYTES = 8 << 20
+
+#: One piece of a gather round: (bucket, bounds, start, end, byte offset in the half).
+_Segment = tuple[torch.Tensor, Sequence[int], int, int, int]
+_GATHER = "parameter gather (shared memory)"
+_REDUCE = "gradient reduce-scatter (shared memory)"
+
+
 class SharedStaging:
-    """One shared byte buffer per host, grown collectively to the largest bucket gathered.
+    """One shared byte buffer per host, of two fixed halves used in turn by every round.
+
+    Every round (of a gather or a reduce-scatter) writes into the next half, passes one barrier
+    and reads back from that half. A half is written again only two rounds later, after the next
+    round's barrier, which every rank reaches only once done reading it: one barrier per round
+    and none between rounds, whichever collective comes next. So every collective that uses a
+    staging area must go through it in the same order on every rank.
 
     Args:
         rank: this rank in the group.
         world_size: ranks in the group.
         all_gather_object: the group's object all-gather (to agree on the file name).
-        barrier: the group's barrier (under the group's timeout).
+        barrier: the group's barrier (under the group's timeout), given the operation's name for
+            its error message.
+        half_nbytes: bytes of each half (the same on every rank).
     """
 
     def __init__(
@@ -61,23 +86,33 @@ class SharedStaging:
         rank: int,
         world_size: int,
         all_gather_object: Callable[[object], list[object]],
-        barrier: Callable[[], None],
+        barrier: Callable[[str], None],
+        *,
+        half_nbytes: int = HALF_NBYTES,
     ) -> None:
         self._rank = rank
         self._world_size = world_size
         self._next_set = 0
         self._all_gather_object = all_gather_object
         self._barrier = barrier
+        # NOTE: a reduce-scatter round needs world_size x (world_size - 1) slots of a cache line or more.
+        self._half_nbytes = max(_aligned(half_nbytes), 64 * world_size * world_size)
         self._buffer = torch.empty(0, dtype=torch.uint8)
 
-    def _ensure(self, nbytes: int) -> bool:
-        """Grow the buffer to at least `nbytes`; return False on every rank if /dev/shm is too small.
+    @property
+    def nbytes(self) -> int:
+        """Bytes of shared memory mapped now (0 before the first use)."""
+        return self._buffer.numel()
+
+    def _ensure(self, what: str) -> bool:
+        """Map both halves on first use; return False on every rank if /dev/shm is too small.
 
         Rank 0 reserves the file's blocks with posix_fallocate before anyone maps it: a sparse
         mapping of a too-small tmpfs would otherwise die with SIGBUS on first touch.
 
         Collective: every rank sees the same sizes, in the same order.
         """
+        nbytes = 2 * self._half_nbytes
         if nbytes <= self._buffer.numel():
             return True
         name: str | None = None
@@ -102,48 +137,76 @@ class SharedStaging:
             return False
         path = os.path.join(SHM_DIR, str(name))
         self._buffer = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-        self._barrier()
+        self._barrier(what)
         if self._rank == 0:
             os.unlink(path)  # the mappings stay valid; nothing is left behind in /dev/shm
         return True
 
+    def _next_half(self) -> torch.Tensor:
+        """Return the half the next round writes (bytes), and turn to the other one."""
+        offset = self._next_set * self._half_nbytes
+        self._next_set ^= 1
+        return self._buffer[offset : offset + self._half_nbytes]
+
     def gather_(self, bucket: torch.Tensor, bounds: Sequence[int]) -> bool:
         """Fill every rank's range of `bucket` from its owner through the shared buffer.
 
-        Returns False (on every rank, having done nothing) when the staging buffer cannot grow.
+        Returns False (on every rank, having done nothing) when the staging buffer cannot be mapped.
 
         Collective: call on every rank of the group, in the same order, with the same sizes.
         """
         return self.gather_many_([(bucket, bounds)])
 
     def gather_many_(self, buckets: Sequence[tuple[torch.Tensor, Sequence[int]]]) -> bool:
-        """Gather several CPU buckets in one round: all copies in, one barrier, all copies out.
+        """Gather several CPU buckets in rounds of up to one half: copies in, one barrier, copies out.
 
-        Two barriers for the lot instead of two per bucket. Returns False (on every rank, having
-        done nothing) when the staging buffer cannot grow to hold them all.
+        Small buckets share a round; a large one is cut into pieces that fill rounds. Returns
+        False (on every rank, having done nothing) when the staging buffer cannot be mapped.
 
         Collective: call on every rank of the group, in the same order, with the same sizes.
         """
-        offsets, total = [], 0
-        for bucket, _ in buckets:
-            offsets.append(total)
-            total += _aligned(bucket.numel() * bucket.element_size())
-        if not self._ensure(total):
+        if not self._ensure(_GATHER):
             return False
-        stages = []
-        for (bucket, bounds), offset in zip(buckets, offsets):
-            nbytes = bucket.numel() * bucket.element_size()
-            stage = self._buffer[offset : offset + nbytes].view(bucket.dtype)
-            start, end = bounds[self._rank], bounds[self._rank + 1]
-            stage[start:end].copy_(bucket[start:end])
-            stages.append(stage)
-        self._barrier()
-        for (bucket, bounds), stage in zip(buckets, stages):
-            start, end = bounds[self._rank], bounds[self._rank + 1]
-            bucket[:start].copy_(stage[:start])
-            bucket[end:].copy_(stage[end:])
-        self._barrier()
+        segments: list[_Segment] = []
+        used = 0
+        for bucket, bounds in buckets:
+            itemsize, numel = bucket.element_size(), bucket.numel()
+            start = 0
+            while start < numel:
+                room = (self._half_nbytes - used) // itemsize
+                if room == 0:
+                    self._gather_round(segments)
+                    segments, used = [], 0
+                    continue
+                end = min(numel, start + room)
+                segments.append((bucket, bounds, start, end, used))
+                used = _aligned(used + (end - start) * itemsize)
+                start = end
+        if segments:
+            self._gather_round(segments)
         return True
+
+    def _gather_round(self, segments: Sequence[_Segment]) -> None:
+        """Run one gather round: own ranges into the next half, one barrier, other ranges out."""
+        half = self._next_half()
+        stages = []
+        for bucket, bounds, start, end, offset in segments:
+            nbytes = (end - start) * bucket.element_size()
+            stage = half[offset : offset + nbytes].view(bucket.dtype)
+            lo, hi = max(start, bounds[self._rank]), min(end, bounds[self._rank + 1])
+            if lo < hi:
+                stage[lo - start : hi - start].copy_(bucket[lo:hi])
+            stages.append(stage)
+        self._barrier(_GATHER)
+        for (bucket, bounds, start, end, _), stage in zip(segments, stages):
+            lo, hi = max(start, bounds[self._rank]), min(end, bounds[self._rank + 1])
+            if lo >= hi:
+                bucket[start:end].copy_(stage)
+                continue
+            if lo > start:
+                bucket[start:lo].copy_(stage[: lo - start])
+            if hi < end:
+                bucket[hi:end].copy_(stage[hi - start :])
 
     def reduce_scatter_(
         self,
@@ -156,36 +219,49 @@ class SharedStaging:
     ) -> bool:
         """Set `out` to `scale` times the sum over ranks of this rank's range of `bucket` (or add it).
 
-        Each rank copies its whole bucket into its slot of one of two slot sets, used in turn;
-        after one barrier each rank adds up its range across the slots in rank order (the same
-        order on every rank, so the result does not depend on timing). No second barrier: a set
-        is written again only two calls later, after the next call's barrier, which every rank
-        reaches only once done reading. So a staging area used for reductions must serve nothing
-        else. `out` may be wider than `bucket` (fp32 sums of a bf16 bucket). Returns False (on
-        every rank, having done nothing) when the staging buffer cannot grow.
+        In rounds: round k takes the k-th chunk of every rank's range. Each rank copies its
+        contribution to each other owner's chunk into its row of a world_size x (world_size - 1)
+        grid of slots in the next half (its own contribution it reads from `bucket` itself);
+        after one barrier each rank adds up its chunk in rank order (the same order on every
+        rank, so the result does not depend on timing or on the chunk size). So every rank
+        reduces in every round, and the staging stays one half per round whatever the bucket
+        size. `out` may be wider than `bucket` (fp32 sums of a bf16 bucket). Returns False (on
+        every rank, having done nothing) when the staging buffer cannot be mapped.
 
         Collective: call on every rank of the group, in the same order, with the same sizes.
         """
-        numel, itemsize = bucket.numel(), bucket.element_size()
-        set_nbytes = _aligned(self._world_size * numel * itemsize)
-        if not self._ensure(2 * set_nbytes):
+        if not self._ensure(_REDUCE):
             return False
-        # NOTE: the sets are the two halves of the buffer, whatever this bucket's size: a set sized
-        # per call would let a larger bucket's set 0 overlap a smaller one's set 1 still being read.
-        offset = self._next_set * (self._buffer.numel() // 2 // 64 * 64)
-        self._next_set ^= 1
-        slots = self._buffer[offset : offset + self._world_size * numel * itemsize].view(bucket.dtype)
-        slots = slots.view(self._world_size, numel)
-        slots[self._rank].copy_(bucket)
-        self._barrier()
-        start, end = bounds[self._rank], bounds[self._rank + 1]
-        if accumulate:
-            for rank in range(self._world_size):
-                out.add_(slots[rank, start:end], alpha=scale)
-        else:
-            out.copy_(slots[0, start:end])
-            for rank in range(1, self._world_size):
-                out.add_(slots[rank, start:end])
-            if scale != 1.0:
-                out.mul_(scale)
+        world, itemsize, me = self._world_size, bucket.element_size(), self._rank
+        others = max(world - 1, 1)
+        # NOTE: a chunk is a whole number of cache lines, so every slot starts aligned.
+        chunk = self._half_nbytes // (world * others) // 64 * 64 // itemsize
+        sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        for first in range(0, max(sizes), chunk):
+            grid = self._next_half()[: world * others * chunk * itemsize].view(bucket.dtype)
+            slots = grid.view(world, others, chunk)  # slots[writer, owner without the writer]
+            for owner in range(world):
+                numel = min(chunk, sizes[owner] - first)
+                if owner != me and numel > 0:
+                    start = bounds[owner] + first
+                    slots[me, owner - (owner > me)].narrow(0, 0, numel).copy_(bucket[start : start + numel])
+            self._barrier(_REDUCE)
+            numel = min(chunk, sizes[me] - first)
+            if numel <= 0:
+                continue
+            start = bounds[me] + first
+            terms = [
+                bucket[start : start + numel] if rank == me else slots[rank, me - (me > rank), :numel]
+                for rank in range(world)
+            ]
+            part = out[first : first + numel]
+            if accumulate:
+                for term in terms:
+                    part.add_(term, alpha=scale)
+            else:
+                part.copy_(terms[0])
+                for term in terms[1:]:
+                    part.add_(term)
+                if scale != 1.0:
+                    part.mul_(scale)
         return True
