@@ -482,7 +482,7 @@ def _bench_rank(
         "memory": memory,
         "grads_peak_nbytes": grads_peak,
         "full_buckets_at_peak": full_buckets_at_peak,
-        "largest_bucket_nbytes": max(_nbytes(b.buffer) for b in buckets) if buckets else 0,
+        "largest_bucket_nbytes": max(b.numel * b.buffer.element_size() for b in buckets) if buckets else 0,
         "num_buckets": len(buckets) if buckets else 0,
         "rss_peak_extra_nbytes": peak - rss_base,
         "rss_between_extra_nbytes": rss_between - rss_base,

@@ -272,15 +272,13 @@ def _profile(opt: shardoptim.ShardedOptimizer, *, warmup: int, steps: int) -> di
 
     def update_only() -> None:
         with torch.no_grad():
-            opt._attach_grads(active)
+            opt._attach_grads(active, None)
             opt.optim.step()
             for piece in opt._pieces:
                 piece.local.grad = None
 
     def gather_only() -> None:
-        handles = [opt._comm.gather_bucket_async(b.buffer, b.bounds, what="gather") for b in opt._buckets]
-        for handle in handles:
-            handle.wait()
+        opt._gather_all()  # own storage: into scratch buckets, then copied out into the parameters
 
     def serial() -> None:
         update_only()

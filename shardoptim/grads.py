@@ -112,26 +112,26 @@ class GradReducer:
     def add_bucket(
         self,
         *,
-        buffer: torch.Tensor,
+        numel: int,
+        dtype: torch.dtype,
+        device: torch.device,
         bounds: Sequence[int],
         shard_dtype: torch.dtype,
         slots: dict[int, GradSlot],
     ) -> None:
-        """Register the next parameter bucket (same size, dtype and bounds as `buffer`) and its params.
+        """Register the next parameter bucket (`numel` elements of `dtype` on `device`) and its params.
 
         `slots` maps each parameter index to its place; their `bucket` must be this bucket's
         position (buckets are registered in the optimizer's order).
         """
-        grad_bucket = _GradBucket(
-            buffer.numel(), buffer.dtype, buffer.device, tuple(bounds), shard_dtype, sorted(slots)
-        )
+        grad_bucket = _GradBucket(numel, dtype, device, tuple(bounds), shard_dtype, sorted(slots))
         end = 0
         for slot in sorted(slots.values(), key=lambda s: s.start_global):
             if slot.start_global > end:
                 grad_bucket.gaps.append((end, slot.start_global - end))
             end = max(end, slot.start_global + slot.numel)
-        if buffer.numel() > end:
-            grad_bucket.gaps.append((end, buffer.numel() - end))
+        if numel > end:
+            grad_bucket.gaps.append((end, numel - end))
         self._buckets.append(grad_bucket)
         for index, slot in slots.items():
             assert slot.bucket == len(self._buckets) - 1, (slot, len(self._buckets))

@@ -277,9 +277,10 @@ class ShardedOptimizer(Stepping, Optimizer):
                 index: GradSlot(b, start, self._params[index].numel())
                 for index, start in zip(bucket.param_indices, bucket.starts)
             }
-            shard_dtype = self._masters.dtype if self._masters.has(b) else bucket.buffer.dtype
+            dtype, device = bucket.buffer.dtype, bucket.buffer.device
+            shard_dtype = self._masters.dtype if self._masters.has(b) else dtype
             self._reducer.add_bucket(
-                buffer=bucket.buffer, bounds=bucket.bounds, shard_dtype=shard_dtype, slots=slots
+                numel=bucket.numel, dtype=dtype, device=device, bounds=bucket.bounds, shard_dtype=shard_dtype, slots=slots
             )
 
     # ----------------------------------------------------------------------------------- layout
@@ -323,6 +324,7 @@ class ShardedOptimizer(Stepping, Optimizer):
             bucket_numel=self.config.bucket_numel,
             masters=self._masters,
             master_dtype=self.config.master_dtype,
+            full=self.config.parameters_as_bucket_view,
         )
         self._layout = placed.layout
         self._layouts.append(placed.layout)

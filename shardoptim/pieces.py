@@ -42,14 +42,19 @@ class Piece:
 
 @dataclass(slots=True)
 class Bucket:
-    """One flat buffer of full parameters and who owns what in it."""
+    """One bucket of parameters, who owns what in it, and what this rank keeps of it."""
 
     buffer: torch.Tensor
+    """The whole bucket (parameters as bucket views), or only this rank's range of it."""
     bounds: tuple[int, ...]
-    """world_size + 1 offsets: rank r owns [bounds[r], bounds[r + 1]) of the buffer."""
+    """world_size + 1 offsets: rank r owns [bounds[r], bounds[r + 1]) of the whole bucket."""
     param_indices: list[int]
     starts: list[int]
-    """Where each of `param_indices` starts in the buffer."""
+    """Where each of `param_indices` starts in the whole bucket."""
+    numel: int
+    """Elements of the whole bucket (padding included)."""
+    owned_start: int
+    """Where `buffer` starts in the whole bucket (0 when it is the whole bucket)."""
     group_to_locals: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
@@ -77,6 +82,7 @@ def place_params(
     bucket_numel: int,
     masters: MasterShards,
     master_dtype: torch.dtype | None,
+    full: bool = True,
 ) -> Placed:
     """Lay out `params`, copy them into new buckets, and cut this rank's pieces (and master copies).
 
@@ -95,6 +101,7 @@ def place_params(
         tensor_loads: cost each rank already owns (whole-tensor sharding), updated.
         bucket_numel: soft cap on elements per bucket.
         masters: where master copies go; master_dtype: their dtype (None: no master copies).
+        full: keep whole buckets (parameters as bucket views) or only this rank's range of each.
     """
     key_to_id: dict[tuple[str, torch.dtype, bool], int] = {}
     keys = [key_to_id.setdefault((str(p.device), p.dtype, p.requires_grad), len(key_to_id)) for p in params]
@@ -114,7 +121,7 @@ def place_params(
         layout = build_tensor_layout(
             numels, num_shards=world_size, owners=owners, keys=keys, bucket_numel=bucket_numel
         )
-    buffers = FlatBuffers(layout, params, offset=first_index)
+    buffers = FlatBuffers(layout, params, rank=rank, full=full, offset=first_index)
     buckets = []
     for b, bucket in enumerate(layout.buckets):
         buffer = buffers.buffers[b]
@@ -124,10 +131,13 @@ def place_params(
                 bucket.bounds,
                 [first_index + pl.index for pl in bucket.placements],
                 [pl.start_global for pl in bucket.placements],
+                bucket.padded_numel,
+                buffers.starts[b],
             )
         )
         if needs_master(buffer.dtype, master_dtype):
-            masters.add_bucket(first_bucket + b, buffer[bucket.bounds[rank] : bucket.bounds[rank + 1]])
+            owned = buffer[bucket.bounds[rank] : bucket.bounds[rank + 1]] if full else buffer
+            masters.add_bucket(first_bucket + b, owned)
     pieces = []
     for piece in layout.local_slices(rank):
         index = first_index + piece.index

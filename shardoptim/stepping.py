@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import warnings
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast, overload
 
@@ -183,13 +184,10 @@ class Stepping:
 
     def _gather_all(self) -> None:
         """All-gather every bucket so each rank holds the full parameters (Collective)."""
-        pending = [
-            self._comm.gather_bucket_async(b.buffer, b.bounds, what=f"parameter gather (bucket {i})")
-            for i, b in enumerate(self._buckets)
-        ]
-        for handle in pending:
-            handle.wait()
-        self._storage.copy_out_(self._params, range(len(self._params)))
+        gathers = _GatherQueue(self._comm, self._storage, self._params)
+        for b, bucket in enumerate(self._buckets):
+            gathers.add(b, bucket)
+        gathers.finish()
 
     def _settle(self) -> None:
         """Bring parameters moved or written from outside since the last step back into the buckets."""
@@ -249,8 +247,7 @@ class Stepping:
         per_bucket = self._steps_per_bucket()
         groups = self.optim.param_groups
         saved = [g["params"] for g in groups]
-        pending: list[PendingGather] = []
-        batched: list[tuple[torch.Tensor, tuple[int, ...]]] = []
+        gathers = _GatherQueue(self._comm, self._storage, self._params)
         try:
             if not per_bucket:
                 # NOTE: also on a rank with no gradient to apply (or no tensor at all): the base step
@@ -263,25 +260,14 @@ class Stepping:
                     for group_index, group in enumerate(groups):
                         group["params"] = bucket.group_to_locals.get(group_index, [])
                     self._agree_on_step_(self._local_step_(step_kwargs, [b]))
-                if not active[b]:
-                    continue
-                if self._comm.gathers_synchronously(bucket.buffer.device):
-                    batched.append((bucket.buffer, bucket.bounds))  # no overlap to gain: one round
-                else:
-                    what = f"parameter gather (bucket {b})"
-                    pending.append(self._comm.gather_bucket_async(bucket.buffer, bucket.bounds, what=what))
+                if active[b]:
+                    gathers.add(b, bucket)
         finally:
             for group, plist in zip(groups, saved):
                 group["params"] = plist
             for piece in self._pieces:
                 piece.local.grad = None
-        if batched:
-            self._comm.gather_buckets_(batched, what="parameter gather")
-        for handle in pending:
-            handle.wait()
-        self._storage.copy_out_(
-            self._params, [i for b, bucket in enumerate(self._buckets) if active[b] for i in bucket.param_indices]
-        )
+        gathers.finish()
 
     def _local_step_(self, step_kwargs: dict[str, Any], buckets: list[int]) -> Exception | None:
         """Run the base optimizer's step over its current groups; keep and write back `buckets`' masters.
@@ -435,3 +421,60 @@ class _CachedLoss:
                 "each rank holds only its shard of the update. Use this optimizer without ShardedOptimizer"
             )
         return self._loss
+
+
+#: Own-storage mode: synchronous gathers (shared memory, MPI) go in rounds of scratch buckets of
+#: about this many bytes, and at most _SCRATCH_IN_FLIGHT asynchronous ones are in flight, so the
+#: whole buckets alive at once stay bounded whatever the model.
+_GATHER_BATCH_NBYTES = 32 << 20
+_SCRATCH_IN_FLIGHT = 4
+
+
+class _GatherQueue:
+    """The gathers of one step, in bucket order: synchronous ones batched, the others in flight.
+
+    Collective: every rank adds the same buckets in the same order, then calls `finish`.
+    """
+
+    def __init__(self, comm: Comm, storage: ParamStorage, params: list[torch.Tensor]) -> None:
+        self._comm = comm
+        self._storage = storage
+        self._params = params
+        self._batched: list[tuple[Bucket, torch.Tensor]] = []
+        self._batched_nbytes = 0
+        self._pending: deque[tuple[Bucket, torch.Tensor, PendingGather]] = deque()
+
+    def add(self, b: int, bucket: Bucket) -> None:
+        """Start gathering bucket `b` (after its local update)."""
+        whole = self._storage.gather_target(bucket)
+        bounded = not self._storage.as_bucket_view
+        if self._comm.gathers_synchronously(whole.device):
+            self._batched.append((bucket, whole))  # no overlap to gain: one round for several
+            self._batched_nbytes += whole.numel() * whole.element_size()
+            if bounded and self._batched_nbytes >= _GATHER_BATCH_NBYTES:
+                self._flush()
+        else:
+            handle = self._comm.gather_bucket_async(whole, bucket.bounds, what=f"parameter gather (bucket {b})")
+            self._pending.append((bucket, whole, handle))
+            if bounded and len(self._pending) > _SCRATCH_IN_FLIGHT:
+                self._finish_oldest()
+
+    def finish(self) -> None:
+        """Wait for every gather and copy the values out into the parameters (own storage)."""
+        self._flush()
+        while self._pending:
+            self._finish_oldest()
+
+    def _flush(self) -> None:
+        if not self._batched:
+            return
+        self._comm.gather_buckets_([(whole, bucket.bounds) for bucket, whole in self._batched], what="parameter gather")
+        for bucket, whole in self._batched:
+            self._storage.finish_gather_(self._params, bucket, whole)
+        self._batched.clear()
+        self._batched_nbytes = 0
+
+    def _finish_oldest(self) -> None:
+        bucket, whole, handle = self._pending.popleft()
+        handle.wait()
+        self._storage.finish_gather_(self._params, bucket, whole)

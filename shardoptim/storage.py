@@ -3,10 +3,11 @@
 Two modes, chosen with `parameters_as_bucket_view`:
 
 - own storage (False, the default): every parameter keeps a storage of its own, as with plain
-  torch.optim. The buckets hold a copy; after each gather the new values are copied out into the
-  parameters. Costs one copy of the parameters in memory and one copy per step, and keeps every
-  serializer that de-duplicates tensors by storage (safetensors, `save_pretrained`, Accelerate's
-  `save_state`) writing every tensor.
+  torch.optim. The buffers hold only this rank's range of each bucket; a bucket is gathered into
+  a scratch buffer (a few kept for reuse) whose values are then copied out into the parameters.
+  Costs one copy per step and a bounded scratch, and keeps every serializer that de-duplicates
+  tensors by storage (safetensors, `save_pretrained`, Accelerate's `save_state`) writing every
+  tensor.
 - bucket views (True): every parameter's storage is a view into its bucket, so the gather writes
   straight into the weights. No extra memory or copy, but all parameters of a bucket share one
   storage, which storage-de-duplicating serializers take for one tensor.
@@ -19,14 +20,26 @@ In both modes a parameter written or moved from outside after construction (`mod
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from shardoptim.buffers import FlatBuffers
 
+if TYPE_CHECKING:
+    from shardoptim.pieces import Bucket
+
+
+#: Whole-bucket scratch buffers kept for reuse between gathers (own-storage mode), in bytes per
+#: (dtype, device) beyond the largest one: a fresh large allocation costs page faults every step.
+SCRATCH_POOL_NBYTES = 32 << 20
+
 
 class ParamStorage:
     """Keep the parameters and the buckets in step, in one of the two modes above.
+
+    In own-storage mode the buffers hold only this rank's range of each bucket: a whole bucket
+    is a scratch buffer that lives from `gather_target` to `finish_gather_`.
 
     Args:
         as_bucket_view: True for bucket views, False for parameters in their own storage.
@@ -35,12 +48,19 @@ class ParamStorage:
     def __init__(self, *, as_bucket_view: bool) -> None:
         self.as_bucket_view = as_bucket_view
         self._index_to_view: dict[int, torch.Tensor] = {}
+        self._index_to_owned: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self._index_to_kind: dict[int, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self._index_to_version: dict[int, int] = {}
         self._index_to_ptr: dict[int, int] = {}
+        self._pool: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
 
     def attach_(self, buffers: FlatBuffers, params: Sequence[torch.Tensor]) -> None:
         """Take over the parameters of `buffers` (whose values are already in the buckets)."""
         self._index_to_view.update(buffers.items())
+        self._index_to_owned.update(buffers.owned_parts())
+        for index in buffers.indices():
+            param = params[index]
+            self._index_to_kind[index] = (param.shape, param.dtype, param.device)
         if self.as_bucket_view:
             buffers.bind_params_(params)
         self.remember_(params, buffers.indices())
@@ -58,8 +78,9 @@ class ParamStorage:
         A parameter whose storage was replaced by a tensor of the same shape, dtype and device
         type (e.g. `model.to(torch.device("cpu", 0))`, which copies) has its values copied into
         its bucket; in bucket-view mode it is then pointed back at its view. In own-storage mode a
-        parameter written in place since the last step is copied into its bucket. Local work
-        only, but every rank sees the same model code, so every rank settles the same parameters.
+        parameter written in place since the last step is copied into its bucket (the range this
+        rank holds). Local work only, but every rank sees the same model code, so every rank
+        settles the same parameters.
 
         Returns:
             The indices whose values may differ from what the optimizer last wrote (for master
@@ -69,59 +90,98 @@ class ParamStorage:
             RuntimeError: a parameter changed shape, dtype or device type.
         """
         changed: list[int] = []
-        for index, view in self._index_to_view.items():
+        for index, kind in self._index_to_kind.items():
             param = params[index]
-            _check_same_kind(index, param, view, prefix=prefix)
-            if view.numel() == 0:
+            _check_same_kind(index, param, kind, prefix=prefix)
+            if param.numel() == 0:
                 continue
-            home = view.data_ptr() if self.as_bucket_view else self._index_to_ptr.get(index)
+            view = self._index_to_view.get(index)
+            home = view.data_ptr() if view is not None and self.as_bucket_view else self._index_to_ptr.get(index)
             replaced = param.data_ptr() != home
             written = param._version != self._index_to_version.get(index)
-            if replaced:
-                # A move (e.g. .to(cpu:0)) carries the same values: master copies stay as they are.
-                same = bool(torch.equal(param.detach(), view))
-                if not same:
-                    changed.append(index)
+            if not (replaced or written):
+                continue
+            pairs = self._pairs(index, param)
+            # A move (e.g. .to(cpu:0)) carries the same values: master copies stay as they are.
+            if written or not all(torch.equal(src, dst) for src, dst in pairs):
+                changed.append(index)
+            if replaced or not self.as_bucket_view:
                 with torch.no_grad():
-                    view.copy_(param.detach())
-                if self.as_bucket_view:
-                    param.data = view
-            elif written:
-                changed.append(index)  # written in place (through the view, or into its own storage)
-                if not self.as_bucket_view:
-                    with torch.no_grad():
-                        view.copy_(param.detach())
-            if replaced or written:
-                self.remember_(params, [index])
+                    for src, dst in pairs:
+                        dst.copy_(src)
+            if replaced and view is not None and self.as_bucket_view:
+                param.data = view
+            self.remember_(params, [index])
         return changed
 
-    def copy_out_(self, params: Sequence[torch.Tensor], indices: Sequence[int]) -> None:
-        """Copy the gathered bucket values of `indices` into the parameters (own-storage mode only)."""
-        if self.as_bucket_view or not indices:
+    def _pairs(self, index: int, param: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Return (values in the parameter, where the buckets keep them) for parameter `index`."""
+        view = self._index_to_view.get(index)
+        if view is not None:
+            return [(param.detach(), view)]
+        flat = param.detach().reshape(-1)
+        return [(flat.narrow(0, start, owned.numel()), owned) for start, owned in self._index_to_owned.get(index, [])]
+
+    def gather_target(self, bucket: Bucket) -> torch.Tensor:
+        """Return the whole bucket to gather into, this rank's range filled in.
+
+        Bucket views: the bucket itself. Own storage: a scratch buffer (give it to
+        `finish_gather_` once gathered).
+        """
+        if self.as_bucket_view:
+            return bucket.buffer
+        key = (bucket.buffer.dtype, bucket.buffer.device)
+        pool = self._pool.get(key, [])
+        fitting = [i for i, t in enumerate(pool) if t.numel() >= bucket.numel]
+        if fitting:
+            whole = pool.pop(min(fitting, key=lambda i: pool[i].numel()))[: bucket.numel]
+        else:
+            whole = torch.empty(bucket.numel, dtype=key[0], device=key[1])
+        whole.narrow(0, bucket.owned_start, bucket.buffer.numel()).copy_(bucket.buffer)
+        return whole
+
+    def finish_gather_(self, params: Sequence[torch.Tensor], bucket: Bucket, whole: torch.Tensor) -> None:
+        """Copy the gathered bucket `whole` out into the parameters of `bucket` (own-storage mode)."""
+        if self.as_bucket_view:
             return
-        views = self._index_to_view
-        dst = [params[i] for i in indices if views[i].numel()]
-        src = [views[i] for i in indices if views[i].numel()]
+        pairs = [
+            (params[i].detach(), whole.narrow(0, start, params[i].numel()).view(params[i].shape))
+            for i, start in zip(bucket.param_indices, bucket.starts)
+            if params[i].numel()
+        ]
         with torch.no_grad():
-            if dst:
-                torch._foreach_copy_([p.detach() for p in dst], src)
-        self.remember_(params, indices)
+            if pairs:
+                torch._foreach_copy_([dst for dst, _ in pairs], [src for _, src in pairs])
+        self.remember_(params, bucket.param_indices)
+        base = whole if whole._base is None else whole._base
+        pool = self._pool.setdefault((whole.dtype, whole.device), [])
+        pool.append(base)
+        pool.sort(key=lambda t: t.numel(), reverse=True)
+        nbytes, keep = 0, 0
+        for t in pool:
+            nbytes += t.numel() * t.element_size()
+            if keep and nbytes > SCRATCH_POOL_NBYTES:
+                break
+            keep += 1
+        del pool[keep:]
 
     def extra_nbytes(self, params: Sequence[torch.Tensor]) -> int:
-        """Return the bytes the parameters' own storage adds beyond the buckets (0 for views)."""
+        """Return the bytes the parameters' own storage and the scratch buckets add (0 for views)."""
         if self.as_bucket_view:
             return 0
-        return sum(params[i].numel() * params[i].element_size() for i in self._index_to_view)
+        scratch = sum(t.numel() * t.element_size() for pool in self._pool.values() for t in pool)
+        return scratch + sum(params[i].numel() * params[i].element_size() for i in self._index_to_kind)
 
 
-def _check_same_kind(index: int, param: torch.Tensor, view: torch.Tensor, *, prefix: str) -> None:
-    same_device = param.device.type == view.device.type and (
-        param.device.type == "cpu" or param.device == view.device
-    )
-    if param.shape == view.shape and param.dtype == view.dtype and same_device:
+def _check_same_kind(
+    index: int, param: torch.Tensor, kind: tuple[torch.Size, torch.dtype, torch.device], *, prefix: str
+) -> None:
+    shape, dtype, device = kind
+    same_device = param.device.type == device.type and (param.device.type == "cpu" or param.device == device)
+    if param.shape == shape and param.dtype == dtype and same_device:
         return
     raise RuntimeError(
-        f"{prefix}parameter {index} changed from shape {tuple(view.shape)}, {view.dtype} on {view.device} "
+        f"{prefix}parameter {index} changed from shape {tuple(shape)}, {dtype} on {device} "
         f"to shape {tuple(param.shape)}, {param.dtype} on {param.device} after the optimizer was built "
         "(model.to(dtype), .half(), a move to another device, or a resize). The optimizer's buffers and "
         "state are laid out for the old parameters. Build the ShardedOptimizer after moving or casting the model"

@@ -59,15 +59,15 @@ def _mlp() -> Problem:
 def _ragged() -> Problem:
     """Sizes not divisible by the world size, tensors smaller than it, a frozen tensor, default history.
 
-    The layout aligns every tensor start to 64 elements: [300, 3, 1, 70] fill 576 aligned elements,
-    cut into 192-element ranges at 4 ranks, so rank 3 owns nothing of the trainable bucket; the frozen
-    tensor has a bucket of its own owned by rank 0.
+    The layout cuts fp64 buckets every 8 elements and packs tensors smaller than that per rank (3, 1)
+    into a bucket of their own: with [40, 3, 1, 20] at 4 ranks, rank 3 owns nothing of either
+    trainable bucket; the frozen tensor has a bucket of its own owned by rank 0.
     """
     gen = torch.Generator().manual_seed(3)
-    sizes = (300, 3, 1, 70)
+    sizes = (40, 3, 1, 20)
     params = [torch.nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64) / 4) for n in sizes]
     frozen = torch.nn.Parameter(torch.randn(10, generator=gen, dtype=torch.float64), requires_grad=False)
-    a = torch.randn(420, 384, generator=gen, dtype=torch.float64) / 20
+    a = torch.randn(420, sum(sizes) + 10, generator=gen, dtype=torch.float64) / 4
     b = torch.randn(420, generator=gen, dtype=torch.float64)
 
     def loss() -> torch.Tensor:
