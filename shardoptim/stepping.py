@@ -423,11 +423,12 @@ class _CachedLoss:
         return self._loss
 
 
-#: Own-storage mode: synchronous gathers (shared memory, MPI) go in rounds of scratch buckets of
-#: about this many bytes, and at most _SCRATCH_IN_FLIGHT asynchronous ones are in flight, so the
-#: whole buckets alive at once stay bounded whatever the model.
-_GATHER_BATCH_NBYTES = 32 << 20
-_SCRATCH_IN_FLIGHT = 4
+#: Own-storage mode: synchronous gathers (shared memory, MPI) share a round while their scratch
+#: buckets total under this many bytes (one large bucket goes alone, so its scratch is the only
+#: one alive), and at most _SCRATCH_IN_FLIGHT asynchronous ones are in flight: the whole buckets
+#: alive at once stay bounded whatever the model.
+_GATHER_BATCH_NBYTES = 4 << 20
+_SCRATCH_IN_FLIGHT = 2
 
 
 class _GatherQueue:
@@ -446,13 +447,15 @@ class _GatherQueue:
 
     def add(self, b: int, bucket: Bucket) -> None:
         """Start gathering bucket `b` (after its local update)."""
-        whole = self._storage.gather_target(bucket)
         bounded = not self._storage.as_bucket_view
-        if self._comm.gathers_synchronously(whole.device):
+        synchronous = self._comm.gathers_synchronously(bucket.buffer.device)
+        nbytes = bucket.numel * bucket.buffer.element_size()
+        if synchronous and bounded and self._batched_nbytes + nbytes > _GATHER_BATCH_NBYTES:
+            self._flush()  # before taking this bucket's scratch: the previous ones go back first
+        whole = self._storage.gather_target(bucket)
+        if synchronous:
             self._batched.append((bucket, whole))  # no overlap to gain: one round for several
-            self._batched_nbytes += whole.numel() * whole.element_size()
-            if bounded and self._batched_nbytes >= _GATHER_BATCH_NBYTES:
-                self._flush()
+            self._batched_nbytes += nbytes
         else:
             handle = self._comm.gather_bucket_async(whole, bucket.bounds, what=f"parameter gather (bucket {b})")
             self._pending.append((bucket, whole, handle))

@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 
 
 #: Whole-bucket scratch buffers kept for reuse between gathers (own-storage mode), in bytes per
-#: (dtype, device) beyond the largest one: a fresh large allocation costs page faults every step.
-SCRATCH_POOL_NBYTES = 32 << 20
+#: (dtype, device) beyond the largest one, which is always kept: a fresh large allocation costs
+#: page faults every step, and the steps gather one large bucket at a time.
+SCRATCH_POOL_NBYTES = 4 << 20
 
 
 class ParamStorage:
