@@ -54,8 +54,9 @@ def _aligned(nbytes: int) -> int:
 #: Bytes of one half of the staging area (it has two, used in turn). Gathers and reduce-scatters
 #: of any size stream through it in rounds of at most this many bytes, one barrier each, so the
 #: staging every rank maps (and counts in its RSS) is 2 x this, whatever the model and buckets.
-#: Smaller halves mean more barriers per step (see benchmarks/memory.py for the trade).
-HALF_NBYTES = 8 << 20
+#: Smaller halves mean more barriers per step: with 8 MiB, 4 ranks on 2 cores took about 25% longer
+#: stage-2 steps of a 19.7M-parameter model than with 16 MiB (benchmarks/memory.py).
+HALF_NBYTES = 16 << 20
 
 #: One piece of a gather round: (bucket, bounds, start, end, byte offset in the half).
 _Segment = tuple[torch.Tensor, Sequence[int], int, int, int]
