@@ -7,7 +7,7 @@ Two kinds, chosen by `full`:
   model's weights (no copy), and the local optimizer's slices are views of the same memory.
 - owned only (parameters in their own storage): each buffer holds just this rank's range of
   its bucket, which the local optimizer updates; a whole bucket exists only while it is
-  gathered (`full_bucket`), after which its values are copied out into the parameters. The
+  gathered (`ParamStorage.gather_target`), after which its values are copied out into the parameters. The
   parameters are then the one full copy of the weights on the rank.
 
 Must not import torch.distributed.
@@ -47,7 +47,7 @@ class FlatBuffers:
         self.starts: list[int] = []
         """Per bucket: where `buffers[b]` starts in the whole bucket (0 when full)."""
         self._index_to_view: dict[int, torch.Tensor] = {}
-        self._index_to_spec: dict[int, tuple[int, int, torch.Size]] = {}
+        self._indices: list[int] = []
         self._index_to_owned: dict[int, list[tuple[int, torch.Tensor]]] = {}
         with torch.no_grad():
             for bucket in layout.buckets:
@@ -60,7 +60,7 @@ class FlatBuffers:
                 for placement in bucket.placements:
                     param = params[placement.index]
                     index = offset + placement.index
-                    self._index_to_spec[index] = (b, placement.start_global, param.shape)
+                    self._indices.append(index)
                     if full:
                         view = self.buffers[b].narrow(0, placement.start_global, placement.numel)
                         view.copy_(param.detach().reshape(-1))
@@ -74,7 +74,7 @@ class FlatBuffers:
 
     def indices(self) -> list[int]:
         """Return the optimizer indices of the parameters these buffers hold."""
-        return list(self._index_to_spec)
+        return list(self._indices)
 
     def items(self) -> list[tuple[int, torch.Tensor]]:
         """Return (optimizer index, full-shape view in its bucket) for every parameter (full only)."""
@@ -83,10 +83,6 @@ class FlatBuffers:
     def owned_parts(self) -> dict[int, list[tuple[int, torch.Tensor]]]:
         """Return per optimizer index the (offset in the flat parameter, 1-D view) of the parts this rank owns."""
         return self._index_to_owned
-
-    def specs(self) -> dict[int, tuple[int, int, torch.Size]]:
-        """Return per optimizer index (bucket in these buffers, start in the whole bucket, shape)."""
-        return self._index_to_spec
 
     def local_view(self, piece: LocalSlice, *, shape: torch.Size | None = None) -> torch.Tensor:
         """Return the owned piece of a parameter as a view of its buffer (1-D, or `shape` if given)."""

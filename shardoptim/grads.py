@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shardoptim.bufpool import BufferPool
 from shardoptim.comm import Comm, PendingReduce
 
 #: Reductions allowed in flight before backward waits for the oldest (its full bucket is then
@@ -103,7 +104,7 @@ class GradReducer:
         self.has_grad: list[bool] = []
         """Per parameter: a gradient arrived on this rank since the last zero_grad."""
         self._in_flight: deque[int] = deque()
-        self._pool: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        self._pool = BufferPool(max_nbytes=POOL_NBYTES, max_count=POOL_SIZE)
         self._no_sync = False
         self._unreduced = False
         self._in_pass = False
@@ -160,7 +161,7 @@ class GradReducer:
     def allocated_nbytes(self) -> int:
         """Return the bytes of gradient memory held: shards and the pooled full buckets."""
         tensors = [b.shard for b in self._buckets if b.shard is not None]
-        tensors += [t for pool in self._pool.values() for t in pool]
+        tensors += self._pool.tensors()
         tensors += [t for b in self._buckets for t in (b.full, b.in_flight) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -233,7 +234,7 @@ class GradReducer:
                 "which stage=2 cannot reduce-scatter; use stage=1 (e.g. with torch.optim.SparseAdam)"
             )
         if bucket.full is None:
-            bucket.full = self._take_buffer(bucket)
+            bucket.full = self._pool.take(bucket.numel, bucket.dtype, bucket.device)
             bucket.written.clear()
         region = bucket.full.narrow(0, slot.start_global, slot.numel)
         if index in bucket.written:
@@ -260,7 +261,7 @@ class GradReducer:
             self._take_grad_(bucket, index, self._slots[index])
         full = bucket.full
         if full is None:
-            full = self._take_buffer(bucket).zero_()
+            full = self._pool.take(bucket.numel, bucket.dtype, bucket.device).zero_()
         else:
             for start, numel in bucket.gaps:
                 full.narrow(0, start, numel).zero_()
@@ -297,34 +298,8 @@ class GradReducer:
             bucket.pending = None
             bucket.shard_valid = True
             if bucket.in_flight is not None:
-                self._give_back(bucket, bucket.in_flight)
+                self._pool.give_back(bucket.in_flight)
             bucket.in_flight = None
-
-    def _take_buffer(self, bucket: _GradBucket) -> torch.Tensor:
-        """Return a full-bucket buffer (uninitialised): the smallest pooled one that fits, else a new one."""
-        pool = self._pool.get((bucket.dtype, bucket.device), [])
-        fitting = [i for i, t in enumerate(pool) if t.numel() >= bucket.numel]
-        if fitting:
-            buffer = pool.pop(min(fitting, key=lambda i: pool[i].numel()))  # by position: no tensor ==
-            return buffer[: bucket.numel]
-        return torch.empty(bucket.numel, dtype=bucket.dtype, device=bucket.device)
-
-    def _give_back(self, bucket: _GradBucket, buffer: torch.Tensor) -> None:
-        """Keep a released full bucket for reuse, within POOL_NBYTES and POOL_SIZE per (dtype, device).
-
-        The largest buffers are kept: always the first, then the next while the total fits.
-        """
-        base = buffer if buffer._base is None else buffer._base
-        pool = self._pool.setdefault((bucket.dtype, bucket.device), [])
-        pool.append(base)
-        pool.sort(key=lambda t: t.numel(), reverse=True)
-        nbytes, keep = 0, 0
-        for t in pool[:POOL_SIZE]:
-            nbytes += t.numel() * t.element_size()
-            if keep and nbytes > POOL_NBYTES:
-                break
-            keep += 1
-        del pool[keep:]
 
     def _end_pass(self) -> None:
         self._launch_rest_and_wait()

@@ -25,14 +25,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from shardoptim.buffers import FlatBuffers
+from shardoptim.bufpool import BufferPool
 
 if TYPE_CHECKING:
     from shardoptim.pieces import Bucket
 
 
-#: Whole-bucket scratch buffers kept for reuse between gathers (own-storage mode), in bytes per
-#: (dtype, device) beyond the largest one, which is always kept: a fresh large allocation costs
-#: page faults every step, and the steps gather one large bucket at a time.
+#: Bytes of whole-bucket scratch buffers kept for reuse between gathers (own-storage mode), per
+#: (dtype, device); the largest one is kept even when larger: a fresh large allocation costs page
+#: faults every step, and the steps gather one large bucket at a time.
 SCRATCH_POOL_NBYTES = 4 << 20
 
 
@@ -53,7 +54,7 @@ class ParamStorage:
         self._index_to_kind: dict[int, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self._index_to_version: dict[int, int] = {}
         self._index_to_ptr: dict[int, int] = {}
-        self._pool: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        self._pool = BufferPool(max_nbytes=SCRATCH_POOL_NBYTES)
 
     def attach_(self, buffers: FlatBuffers, params: Sequence[torch.Tensor]) -> None:
         """Take over the parameters of `buffers` (whose values are already in the buckets)."""
@@ -131,13 +132,7 @@ class ParamStorage:
         """
         if self.as_bucket_view:
             return bucket.buffer
-        key = (bucket.buffer.dtype, bucket.buffer.device)
-        pool = self._pool.get(key, [])
-        fitting = [i for i, t in enumerate(pool) if t.numel() >= bucket.numel]
-        if fitting:
-            whole = pool.pop(min(fitting, key=lambda i: pool[i].numel()))[: bucket.numel]
-        else:
-            whole = torch.empty(bucket.numel, dtype=key[0], device=key[1])
+        whole = self._pool.take(bucket.numel, bucket.buffer.dtype, bucket.buffer.device)
         whole.narrow(0, bucket.owned_start, bucket.buffer.numel()).copy_(bucket.buffer)
         return whole
 
@@ -154,23 +149,13 @@ class ParamStorage:
             if pairs:
                 torch._foreach_copy_([dst for dst, _ in pairs], [src for _, src in pairs])
         self.remember_(params, bucket.param_indices)
-        base = whole if whole._base is None else whole._base
-        pool = self._pool.setdefault((whole.dtype, whole.device), [])
-        pool.append(base)
-        pool.sort(key=lambda t: t.numel(), reverse=True)
-        nbytes, keep = 0, 0
-        for t in pool:
-            nbytes += t.numel() * t.element_size()
-            if keep and nbytes > SCRATCH_POOL_NBYTES:
-                break
-            keep += 1
-        del pool[keep:]
+        self._pool.give_back(whole)
 
     def extra_nbytes(self, params: Sequence[torch.Tensor]) -> int:
         """Return the bytes the parameters' own storage and the scratch buckets add (0 for views)."""
         if self.as_bucket_view:
             return 0
-        scratch = sum(t.numel() * t.element_size() for pool in self._pool.values() for t in pool)
+        scratch = sum(t.numel() * t.element_size() for t in self._pool.tensors())
         return scratch + sum(params[i].numel() * params[i].element_size() for i in self._index_to_kind)
 
 

@@ -231,6 +231,7 @@ def test_grad_scaler_refuses_fp16_gradients_without_master() -> None:
 def test_released_buckets_are_pooled_by_bytes() -> None:
     """The pool keeps the largest released bucket always, and more only within POOL_NBYTES."""
     from shardoptim import grads
+    from shardoptim.bufpool import BufferPool
 
     model = torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(4)))
     opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, stage=2, bucket_numel=64 * 65)
@@ -239,17 +240,12 @@ def test_released_buckets_are_pooled_by_bytes() -> None:
     bucket = reducer._buckets[0]
     nbytes = bucket.numel * 4
     for pool_nbytes, kept in ((0, 1), (nbytes, 1), (2 * nbytes, 2), (10 * nbytes, grads.POOL_SIZE)):
-        reducer._pool.clear()
-        old = grads.POOL_NBYTES
-        grads.POOL_NBYTES = pool_nbytes
-        try:
-            for _ in range(3):
-                reducer._give_back(bucket, torch.empty(bucket.numel))
-        finally:
-            grads.POOL_NBYTES = old
-        assert [len(pool) for pool in reducer._pool.values()] == [kept], pool_nbytes
+        pool = BufferPool(max_nbytes=pool_nbytes, max_count=grads.POOL_SIZE)  # as the reducer builds its own
+        for _ in range(3):
+            pool.give_back(torch.empty(bucket.numel))
+        assert len(pool.tensors()) == kept, pool_nbytes
     for _ in range(2):  # and training still runs with the pool bounded
         model(torch.randn(3, 64)).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-    assert all(len(pool) <= grads.POOL_SIZE for pool in reducer._pool.values())
+    assert len(reducer._pool.tensors()) <= grads.POOL_SIZE  # one dtype and device here
