@@ -23,25 +23,14 @@ from typing import Any
 import pytest
 import torch
 
+from tests._subproc import child_env
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 300.0
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 PARITY_ATOL = 1e-6
 """Allowed max abs difference between sharded and plain AdamW (the same fused kernel: bitwise so far)."""
-#: Variables that would make a child believe it was started by some launcher.
-_LAUNCH_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "MV2_", "MPI_LOCAL", "HYDRA_", "SLURM_", "TORCHELASTIC_")
-_LAUNCH_NAMES = frozenset(
-    {
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "SHARDOPTIM_LAUNCHER",
-    }
-)
 #: framework -> (script, modules it needs)
 FRAMEWORKS = {
     "trainer": ("_trainer_script.py", ("transformers", "accelerate", "safetensors")),
@@ -51,14 +40,8 @@ FRAMEWORKS = {
 
 
 def _env() -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in _LAUNCH_NAMES and not k.startswith(_LAUNCH_PREFIXES)
-    }
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded; fail fast if something tries
-    return env
+    # nothing is downloaded; fail fast if something tries
+    return child_env(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
 
 
 def _torchrun(script: str, out: Path, runs: str) -> str:

@@ -19,27 +19,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._subproc import child_env
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 TIMEOUT_S = 120.0
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-#: Variables that would make a child believe it was started by some launcher.
-_LAUNCH_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "MV2_", "MPI_LOCAL", "HYDRA_", "SLURM_", "TORCHELASTIC_")
-_LAUNCH_NAMES = frozenset(
-    {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SHARDOPTIM_LAUNCHER"}
-)
 #: A row of train_gpt.py's memory table: rank, sharded MiB, unsharded MiB, ratio.
 _MEMORY_ROW = re.compile(r"^\s*(\d+)\s+([\d.]+) MiB\s+([\d.]+) MiB\s+([\d.]+)\s*$", re.MULTILINE)
 _LOSS = re.compile(r"^loss: first ([\d.]+) -> final ([\d.]+)$", re.MULTILINE)
 
 
 def _env() -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in _LAUNCH_NAMES and not k.startswith(_LAUNCH_PREFIXES)
-    }
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return child_env()
 
 
 def _run(cmd: list[str], tmp_path: Path) -> str:

@@ -21,39 +21,20 @@ from pathlib import Path
 
 import pytest
 
+from tests._subproc import child_env
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("_init_script.py")
 LAUNCH = REPO / "launch"
 TIMEOUT_S = 90.0
 # Not anchored: ranks share one output file, so another rank's partial line may precede this one.
 _OK = re.compile(r"SHARDOPTIM_OK rank=(\d+) world_size=(\d+) local_rank=(-?\d+) launcher=(\w+) backend=(\w+)")
-#: Variables that would make a child believe it was started by some launcher.
-_LAUNCH_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "MV2_", "MPI_LOCAL", "HYDRA_", "SLURM_", "TORCHELASTIC_")
-_LAUNCH_NAMES = frozenset(
-    {
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "SHARDOPTIM_LAUNCHER",
-        "NNODES",
-        "NODE_RANK",
-    }
-)
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in _LAUNCH_NAMES and not k.startswith(_LAUNCH_PREFIXES)
-    }
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     # The launchers and `python` must be the ones of the interpreter running the tests.
-    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-    env["PYTHON"] = sys.executable
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env
+    path = os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", "")))
+    return child_env(PATH=path, PYTHON=sys.executable, **extra)
 
 
 def _free_port() -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from shardoptim.mpi_comm import MPI_LAUNCHER_VARS, MpiCollectives
+from tests._subproc import child_env
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("_mpi_comm_script.py")
@@ -26,18 +27,12 @@ OPTIM_SCRIPT = Path(__file__).with_name("_mpi_optim_script.py")
 LAUNCH = REPO / "launch"
 TIMEOUT_S = 60.0
 _OK = re.compile(r"MPI_COMM_OK rank=(\d+) world_size=(\d+)")
-#: Variables that would make a child believe it was started by some launcher.
-_LAUNCH_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "MV2_", "MPI_LOCAL", "HYDRA_", "SLURM_", "TORCHELASTIC_")
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCH_PREFIXES)}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     # mpirun.sh must find the mpiexec and python of the interpreter running the tests.
-    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-    env["PYTHON"] = sys.executable
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    path = os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", "")))
+    return child_env(PATH=path, PYTHON=sys.executable)
 
 
 def test_create_is_none_without_an_mpi_launcher(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,25 +21,17 @@ from pathlib import Path
 
 import pytest
 
+from tests._subproc import child_env
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("_teardown_script.py")
 NUM_RUNS = 5
 RUN_TIMEOUT_S = 60.0
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-#: Variables that would make a child believe it was started by some launcher.
-_LAUNCH_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "MV2_", "MPI_LOCAL", "HYDRA_", "SLURM_", "TORCHELASTIC_")
-_LAUNCH_NAMES = frozenset(
-    {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SHARDOPTIM_LAUNCHER"}
-)
 
 
 def _env() -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in _LAUNCH_NAMES and not k.startswith(_LAUNCH_PREFIXES)
-    }
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return child_env()
 
 
 def _descendants(pid: int) -> list[int]:
