@@ -257,7 +257,6 @@ class HparamSyncer:
             )
         return extras
 
-
     def _all_equal(self, packed: torch.Tensor, extra64: torch.Tensor | None) -> tuple[bool, torch.Tensor | None]:
         """Return (whether `packed` is the same on every rank, the max over ranks of `extra64` as one row).
 

@@ -77,11 +77,10 @@ def consolidate(opt: ShardedOptimizer, *, to: int) -> dict[str, Any] | None:
     """Gather the full state onto rank `to` in the base optimizer's format.
 
     Collective: call on every rank of the group, in the same order. Returns the dict on rank `to`
-    and None elsewhere. State tensors of the result live on the CPU.
+    (a rank of the group: `ShardedOptimizer.consolidate_state_dict` checks it) and None elsewhere.
+    State tensors of the result live on the CPU.
     """
     comm = opt._comm
-    if not 0 <= to < comm.world_size:
-        raise ValueError(f"to={to} is not a rank of the group (world size {comm.world_size})")
     if opt.sharding == "lbfgs":
         from shardoptim.lbfgs_state import consolidate_lbfgs
 
