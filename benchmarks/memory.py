@@ -27,7 +27,7 @@ spawned set of N ranks (gloo, FileStore, OMP_NUM_THREADS=1), one after another:
                         (bf16 state, no master copy); there is no torch baseline with fp32 masters
     h  stage 2 1Mi buckets  d with bucket_numel=1 Mi elements (less gradient memory in flight)
     i  stage 2 views    d with parameters_as_bucket_view=True: the parameters are views into the
-                        flat buckets, so stage 2 holds no second copy of them (d does, by default)
+                        flat buckets (d keeps them in their own storage; neither holds a second copy)
 
 Every DDP uses gradient_as_bucket_view=True, so `.grad` are views into DDP's gradient buckets and
 the gradients are held once. Each configuration runs `--warmup` untimed and then `--steps` timed
@@ -153,7 +153,7 @@ class _Config:
     bucket_numel: int | None = None
     """ShardedOptimizer's bucket_numel (None: its default for the stage)."""
     views: bool = False
-    """ShardedOptimizer(parameters_as_bucket_view=True): no second copy of the parameters."""
+    """ShardedOptimizer(parameters_as_bucket_view=True): the parameters are views into the buckets."""
 
 
 CONFIGS: dict[str, _Config] = {
@@ -350,7 +350,8 @@ def _live_grad_nbytes(params: list[nn.Parameter], reducer: Any) -> int:
     being filled, the one in flight and the shard.
     """
     total = sum(_nbytes(p.grad) for p in params)
-    pooled = [t for pool in getattr(reducer, "_pool", {}).values() for t in pool]
+    pool = getattr(reducer, "_pool", None)
+    pooled = pool.tensors() if pool is not None else []
     total += sum(_nbytes(t) for t in pooled)  # released full buckets kept for reuse
     for bucket in getattr(reducer, "_buckets", ()):
         seen: set[int] = set()
@@ -482,7 +483,7 @@ def _bench_rank(
         "memory": memory,
         "grads_peak_nbytes": grads_peak,
         "full_buckets_at_peak": full_buckets_at_peak,
-        "largest_bucket_nbytes": max(b.numel * b.buffer.element_size() for b in buckets) if buckets else 0,
+        "largest_bucket_nbytes": max(b.numel * b.segments.element_size() for b in buckets) if buckets else 0,
         "num_buckets": len(buckets) if buckets else 0,
         "rss_peak_extra_nbytes": peak - rss_base,
         "rss_between_extra_nbytes": rss_between - rss_base,
@@ -661,7 +662,7 @@ def _check_targets(by_name: dict[str, dict[str, Any]], world_size: int) -> bool:
     s2, zero, adamw = by_name.get("stage 2"), by_name.get("ddp zero"), by_name.get("ddp adamw")
     limit = RSS_TARGETS.get(world_size)
     # Everything training adds at its worst: what a user of stage 2 instead of DDP gets back. The
-    # target is on the default stage 2; "stage 2 views" (no second copy of the parameters) is shown.
+    # target is on the default stage 2; "stage 2 views" (parameters as bucket views) is shown.
     for name in ("stage 2", "stage 2 views"):
         s = by_name.get(name)
         if s is None or adamw is None or limit is None:

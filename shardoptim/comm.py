@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.distributed as dist
 
+from shardoptim.segments import Segments
 from shardoptim.shm import SharedStaging, same_host
 from shardoptim.teardown import hold_until_exit
 
@@ -349,12 +350,25 @@ class Comm:
         method = self._resolve_gather_method()
         return method == "shm" or (self._mpi is not None and self.mpi_gather is not False)
 
-    def gather_buckets_(self, buckets: Sequence[tuple[torch.Tensor, Sequence[int]]], *, what: str) -> None:
+    def gathers_in_place(self, device: torch.device) -> bool:
+        """Whether bucket gathers on `device` go through shared memory, which takes `Segments`.
+
+        Such a gather reads and writes the parameters' own storage directly (no whole-bucket
+        buffer). Collective on first use (it settles the gather method).
+        """
+        if not self.gathers_synchronously(device):
+            return False
+        return self._resolve_gather_method() == "shm" and (self._mpi is None or self.mpi_gather is False)
+
+    def gather_buckets_(self, buckets: Sequence[tuple[torch.Tensor | Segments, Sequence[int]]], *, what: str) -> None:
         """Gather several buckets now; on shared memory in rounds of one staging half, one barrier each.
+
+        A bucket may be given as `Segments` only where `gathers_in_place` holds (it still works
+        if the shared memory turns out too small, through a whole-bucket copy).
 
         Collective: call on every rank of the group, in the same order, with the same buckets.
         """
-        batch: list[tuple[torch.Tensor, Sequence[int]]] = []
+        batch: list[tuple[torch.Tensor | Segments, Sequence[int]]] = []
         method = self._resolve_gather_method()
         if method == "shm" and (self._mpi is None or self.mpi_gather is False):
             staged = [(b, bounds) for b, bounds in buckets if b.device.type == "cpu" and bounds[-1] > 0]
@@ -364,7 +378,15 @@ class Comm:
                 batch.extend(staged)
         else:
             batch = list(buckets)
-        pending = [self.gather_bucket_async(b, bounds, what=what) for b, bounds in batch]
+        pending = []
+        for given, bounds in batch:
+            if isinstance(given, Segments):  # the shared memory failed: through a whole copy
+                whole = torch.zeros(given.numel, dtype=given.dtype, device=given.device)
+                given.read_(0, given.numel, whole)
+                self.gather_bucket_async(whole, bounds, what=what).wait()
+                given.write_(0, given.numel, whole)
+            else:
+                pending.append(self.gather_bucket_async(given, bounds, what=what))
         for handle in pending:
             handle.wait()
 

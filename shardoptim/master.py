@@ -41,49 +41,54 @@ def needs_master(param_dtype: torch.dtype, master_dtype: torch.dtype | None) -> 
 class MasterShards:
     """The master copies of this rank's ranges, one flat tensor per low-precision bucket.
 
+    Each piece of a master shard is tied to its target: the same elements of the parameter in
+    the model's dtype (a view into its bucket, or into its own storage).
+
     Args:
         dtype: the master dtype (torch.float32 or torch.float64).
     """
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
-        self._bucket_to_shard: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._pieces: list[MasterPiece] = []
+        self._bucket_to_shard: dict[int, torch.Tensor] = {}
+        self._bucket_to_pieces: dict[int, list[tuple[MasterPiece, torch.Tensor]]] = {}
 
-    def add_bucket(self, bucket: int, owned: torch.Tensor) -> torch.Tensor:
-        """Create the master copy of `owned` (this rank's range of bucket `bucket`) and return it."""
-        shard = owned.detach().to(self.dtype, copy=True)
-        self._bucket_to_shard[bucket] = (shard, owned)
-        return shard
+    def add_bucket(self, bucket: int, numel: int, device: torch.device) -> None:
+        """Create the (zero) master shard of bucket `bucket`: `numel` elements, this rank's range."""
+        self._bucket_to_shard[bucket] = torch.zeros(numel, dtype=self.dtype, device=device)
+        self._bucket_to_pieces[bucket] = []
 
     def has(self, bucket: int) -> bool:
         return bucket in self._bucket_to_shard
 
     def shard(self, bucket: int) -> torch.Tensor:
-        return self._bucket_to_shard[bucket][0]
+        return self._bucket_to_shard[bucket]
 
-    def add_piece(self, piece: MasterPiece) -> None:
-        self._pieces.append(piece)
+    def add_piece(self, piece: MasterPiece, target: torch.Tensor) -> torch.Tensor:
+        """Tie `piece` to `target` (1-D, the model's dtype), copy its values in; return the master piece."""
+        local = self._bucket_to_shard[piece.bucket].narrow(0, piece.start_local, piece.numel)
+        local.copy_(target)
+        self._bucket_to_pieces[piece.bucket].append((piece, target))
+        return local
 
     def reread_(self, indices: set[int]) -> None:
         """Copy the model's current values of parameters `indices` into their master pieces."""
-        for piece in self._pieces:
-            if piece.index in indices:
-                shard, owned = self._bucket_to_shard[piece.bucket]
-                shard.narrow(0, piece.start_local, piece.numel).copy_(
-                    owned.narrow(0, piece.start_local, piece.numel)
-                )
+        for pieces in self._bucket_to_pieces.values():
+            for piece, target in pieces:
+                if piece.index in indices:
+                    self._bucket_to_shard[piece.bucket].narrow(0, piece.start_local, piece.numel).copy_(target)
 
     def nbytes(self) -> int:
         """Return the bytes of every master shard on this rank."""
-        return sum(shard.numel() * shard.element_size() for shard, _ in self._bucket_to_shard.values())
+        return sum(shard.numel() * shard.element_size() for shard in self._bucket_to_shard.values())
 
     def write_back_(self, buckets: Iterable[int]) -> None:
-        """Cast the master copies of `buckets` into the model's buckets (before their gather)."""
+        """Cast the master copies of `buckets` into the model's parameters (before their gather)."""
         for bucket in buckets:
-            entry = self._bucket_to_shard.get(bucket)
-            if entry is not None:
-                entry[1].copy_(entry[0])
+            shard = self._bucket_to_shard.get(bucket)
+            for piece, target in self._bucket_to_pieces.get(bucket, []):
+                assert shard is not None
+                target.copy_(shard.narrow(0, piece.start_local, piece.numel))
 
 
 #: The state key under which a parameter's master piece is saved with the optimizer state.

@@ -277,7 +277,7 @@ class ShardedOptimizer(Stepping, Optimizer):
                 index: GradSlot(b, start, self._params[index].numel())
                 for index, start in zip(bucket.param_indices, bucket.starts)
             }
-            dtype, device = bucket.buffer.dtype, bucket.buffer.device
+            dtype, device = bucket.segments.dtype, bucket.segments.device
             shard_dtype = self._masters.dtype if self._masters.has(b) else dtype
             self._reducer.add_bucket(
                 numel=bucket.numel, dtype=dtype, device=device, bounds=bucket.bounds, shard_dtype=shard_dtype, slots=slots
@@ -550,7 +550,7 @@ class ShardedOptimizer(Stepping, Optimizer):
         else:
             grads = sum(_nbytes(p.grad) for p in self._params)
         return {
-            "params": sum(_nbytes(b.buffer) for b in self._buckets)
+            "params": sum(_nbytes(b.buffer) for b in self._buckets if b.buffer is not None)
             + self._storage.extra_nbytes(self._params)
             + (sum(_nbytes(p) for p in self._params) if self._kind == "replicated" else 0),
             "grads": grads,

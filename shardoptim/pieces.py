@@ -21,6 +21,7 @@ from shardoptim.layout import (
     build_tensor_layout,
 )
 from shardoptim.master import MasterPiece, MasterShards, needs_master
+from shardoptim.segments import Segments
 
 
 @dataclass(slots=True)
@@ -44,8 +45,10 @@ class Piece:
 class Bucket:
     """One bucket of parameters, who owns what in it, and what this rank keeps of it."""
 
-    buffer: torch.Tensor
-    """The whole bucket (parameters as bucket views), or only this rank's range of it."""
+    buffer: torch.Tensor | None
+    """The whole bucket (parameters as bucket views); None when the parameters keep their own storage."""
+    segments: Segments
+    """The whole bucket as flat segments: `buffer`, or the parameters' own storage end to end."""
     bounds: tuple[int, ...]
     """world_size + 1 offsets: rank r owns [bounds[r], bounds[r + 1]) of the whole bucket."""
     param_indices: list[int]
@@ -53,8 +56,6 @@ class Bucket:
     """Where each of `param_indices` starts in the whole bucket."""
     numel: int
     """Elements of the whole bucket (padding included)."""
-    owned_start: int
-    """Where `buffer` starts in the whole bucket (0 when it is the whole bucket)."""
     group_to_locals: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
 
@@ -121,23 +122,22 @@ def place_params(
         layout = build_tensor_layout(
             numels, num_shards=world_size, owners=owners, keys=keys, bucket_numel=bucket_numel
         )
-    buffers = FlatBuffers(layout, params, rank=rank, full=full, offset=first_index)
+    buffers = FlatBuffers(layout, params, full=full, offset=first_index)
     buckets = []
     for b, bucket in enumerate(layout.buckets):
-        buffer = buffers.buffers[b]
+        segments = buffers.segments(b)
         buckets.append(
             Bucket(
-                buffer,
+                buffers.buffers[b],
+                segments,
                 bucket.bounds,
                 [first_index + pl.index for pl in bucket.placements],
                 [pl.start_global for pl in bucket.placements],
                 bucket.padded_numel,
-                buffers.starts[b],
             )
         )
-        if needs_master(buffer.dtype, master_dtype):
-            owned = buffer[bucket.bounds[rank] : bucket.bounds[rank + 1]] if full else buffer
-            masters.add_bucket(first_bucket + b, owned)
+        if needs_master(segments.dtype, master_dtype):
+            masters.add_bucket(first_bucket + b, bucket.bounds[rank + 1] - bucket.bounds[rank], segments.device)
     pieces = []
     for piece in layout.local_slices(rank):
         index = first_index + piece.index
@@ -145,9 +145,9 @@ def place_params(
         shape = params[piece.index].shape if whole_tensors else None
         start_local = piece.start_global - buckets[piece.bucket].bounds[rank]
         if masters.has(b):
-            local = masters.shard(b).narrow(0, start_local, piece.in_param.numel)
+            target = buffers.local_view(piece)
+            local = masters.add_piece(MasterPiece(index, b, start_local, piece.in_param.numel), target)
             local = local if shape is None else local.view(shape)
-            masters.add_piece(MasterPiece(index, b, start_local, piece.in_param.numel))
         else:
             local = buffers.local_view(piece, shape=shape)
         buckets[piece.bucket].group_to_locals.setdefault(index_to_group[index], []).append(local)

@@ -9,7 +9,9 @@ adding up its own range. The parameters and gradients themselves stay private to
 
 The staging area has a fixed size (two halves of HALF_NBYTES, used in turn), whatever the model:
 every rank maps it and counts it in its RSS, so it streams large buckets in rounds instead of
-holding them whole.
+holding them whole. The barrier between rounds is a counter per rank in the same mapping
+(shmbarrier.py: a few microseconds, against N gloo round trips), where the machine's memory
+order allows it (x86); elsewhere the group's gloo barrier.
 
 Must not import shardoptim.optimizer.
 """
@@ -24,6 +26,9 @@ import uuid
 from collections.abc import Callable, Sequence
 
 import torch
+
+from shardoptim.segments import Segments
+from shardoptim.shmbarrier import SpinBarrier
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +59,16 @@ def _aligned(nbytes: int) -> int:
 #: Bytes of one half of the staging area (it has two, used in turn). Gathers and reduce-scatters
 #: of any size stream through it in rounds of at most this many bytes, one barrier each, so the
 #: staging every rank maps (and counts in its RSS) is 2 x this, whatever the model and buckets.
-#: Smaller halves mean more barriers per step: with 8 MiB, 4 ranks on 2 cores took about 25% longer
-#: stage-2 steps of a 19.7M-parameter model than with 16 MiB (benchmarks/memory.py).
-HALF_NBYTES = 16 << 20
+#: Smaller halves mean more barriers per step, cheap with the shared-memory barrier (with gloo
+#: barriers, 8 MiB halves made 4-rank stage-2 steps on 2 cores about 25% slower than 16 MiB).
+HALF_NBYTES = 4 << 20
+
+#: Seconds a shared-memory barrier waits for a rank that is alive before it raises (a dead rank
+#: is noticed within 0.1 s), when the group has no timeout of its own: torch's default.
+DEFAULT_TIMEOUT_S = 1800.0
 
 #: One piece of a gather round: (bucket, bounds, start, end, byte offset in the half).
-_Segment = tuple[torch.Tensor, Sequence[int], int, int, int]
+_Segment = tuple[Segments, Sequence[int], int, int, int]
 _GATHER = "parameter gather (shared memory)"
 _REDUCE = "gradient reduce-scatter (shared memory)"
 
@@ -80,6 +89,7 @@ class SharedStaging:
         barrier: the group's barrier (under the group's timeout), given the operation's name for
             its error message.
         half_nbytes: bytes of each half (the same on every rank).
+        timeout_s: how long a round's barrier waits for a live rank before it raises.
     """
 
     def __init__(
@@ -90,12 +100,15 @@ class SharedStaging:
         barrier: Callable[[str], None],
         *,
         half_nbytes: int = HALF_NBYTES,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self._rank = rank
         self._world_size = world_size
         self._next_set = 0
         self._all_gather_object = all_gather_object
-        self._barrier = barrier
+        self._group_barrier = barrier
+        self._timeout_s = timeout_s
+        self._spin: SpinBarrier | None = None
         # NOTE: a reduce-scatter round needs world_size x (world_size - 1) slots of a cache line or more.
         self._half_nbytes = max(_aligned(half_nbytes), 64 * world_size * world_size)
         self._buffer = torch.empty(0, dtype=torch.uint8)
@@ -113,7 +126,8 @@ class SharedStaging:
 
         Collective: every rank sees the same sizes, in the same order.
         """
-        nbytes = 2 * self._half_nbytes
+        halves = 2 * self._half_nbytes
+        nbytes = halves + _aligned(SpinBarrier.nbytes(self._world_size))
         if nbytes <= self._buffer.numel():
             return True
         name: str | None = None
@@ -133,15 +147,27 @@ class SharedStaging:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
                 name = None
-        name = self._all_gather_object(name)[0]  # type: ignore[assignment]
+        everyone = self._all_gather_object((name, os.getpid()))
+        name = everyone[0][0]  # type: ignore[index]
         if name is None:
             return False
         path = os.path.join(SHM_DIR, str(name))
         self._buffer = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-        self._barrier(what)
+        if SpinBarrier.supported():  # the counters start at zero: the file was just reserved
+            pids = [int(entry[1]) for entry in everyone]  # type: ignore[index]
+            flags = self._buffer[halves:]
+            self._spin = SpinBarrier(flags, self._rank, self._world_size, pids, timeout_s=self._timeout_s)
+        self._group_barrier(what)
         if self._rank == 0:
             os.unlink(path)  # the mappings stay valid; nothing is left behind in /dev/shm
         return True
+
+    def _barrier(self, what: str) -> None:
+        """Wait for every rank between a round's copies in and out (Collective)."""
+        if self._spin is not None:
+            self._spin.wait(what)
+        else:
+            self._group_barrier(what)
 
     def _next_half(self) -> torch.Tensor:
         """Return the half the next round writes (bytes), and turn to the other one."""
@@ -158,11 +184,13 @@ class SharedStaging:
         """
         return self.gather_many_([(bucket, bounds)])
 
-    def gather_many_(self, buckets: Sequence[tuple[torch.Tensor, Sequence[int]]]) -> bool:
+    def gather_many_(self, buckets: Sequence[tuple[torch.Tensor | Segments, Sequence[int]]]) -> bool:
         """Gather several CPU buckets in rounds of up to one half: copies in, one barrier, copies out.
 
-        Small buckets share a round; a large one is cut into pieces that fill rounds. Returns
-        False (on every rank, having done nothing) when the staging buffer cannot be mapped.
+        Small buckets share a round; a large one is cut into pieces that fill rounds. A bucket
+        given as `Segments` (parameters in their own storage) is read from and written to its
+        segments directly, its padding left out. Returns False (on every rank, having done
+        nothing) when the staging buffer cannot be mapped.
 
         Collective: call on every rank of the group, in the same order, with the same sizes.
         """
@@ -170,8 +198,9 @@ class SharedStaging:
             return False
         segments: list[_Segment] = []
         used = 0
-        for bucket, bounds in buckets:
-            itemsize, numel = bucket.element_size(), bucket.numel()
+        for given, bounds in buckets:
+            bucket = given if isinstance(given, Segments) else Segments.whole(given)
+            itemsize, numel = bucket.element_size(), bucket.numel
             start = 0
             while start < numel:
                 room = (self._half_nbytes - used) // itemsize
@@ -196,18 +225,18 @@ class SharedStaging:
             stage = half[offset : offset + nbytes].view(bucket.dtype)
             lo, hi = max(start, bounds[self._rank]), min(end, bounds[self._rank + 1])
             if lo < hi:
-                stage[lo - start : hi - start].copy_(bucket[lo:hi])
+                bucket.read_(lo, hi, stage[lo - start : hi - start])
             stages.append(stage)
         self._barrier(_GATHER)
         for (bucket, bounds, start, end, _), stage in zip(segments, stages):
             lo, hi = max(start, bounds[self._rank]), min(end, bounds[self._rank + 1])
             if lo >= hi:
-                bucket[start:end].copy_(stage)
+                bucket.write_(start, end, stage)
                 continue
             if lo > start:
-                bucket[start:lo].copy_(stage[: lo - start])
+                bucket.write_(start, lo, stage[: lo - start])
             if hi < end:
-                bucket[hi:end].copy_(stage[hi - start :])
+                bucket.write_(hi, end, stage[hi - start :])
 
     def reduce_scatter_(
         self,

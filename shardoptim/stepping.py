@@ -236,7 +236,7 @@ class Stepping:
         """
         if type(self.optim) not in _TORCH_STEPWISE or len(self._buckets) < 2:
             return False
-        return not self._comm.gathers_synchronously(self._buckets[0].buffer.device)
+        return not self._comm.gathers_synchronously(self._buckets[0].segments.device)
 
     def _update_and_gather(self, has_grad: list[bool] | None, step_kwargs: dict[str, Any]) -> None:
         # NOTE: a bucket is gathered when any of its parameters requires grad now. requires_grad is
@@ -423,10 +423,11 @@ class _CachedLoss:
         return self._loss
 
 
-#: Own-storage mode: synchronous gathers (shared memory, MPI) share a round while their scratch
-#: buckets total under this many bytes (one large bucket goes alone, so its scratch is the only
-#: one alive), and at most _SCRATCH_IN_FLIGHT asynchronous ones are in flight: the whole buckets
-#: alive at once stay bounded whatever the model.
+#: Own-storage mode: gathers through a scratch bucket that are synchronous (MPI) share a round
+#: while their scratch buckets total under this many bytes (one large bucket goes alone, so its
+#: scratch is the only one alive), and at most _SCRATCH_IN_FLIGHT asynchronous ones are in
+#: flight: the whole buckets alive at once stay bounded whatever the model. Shared-memory gathers
+#: need no scratch: they read and write the parameters in place.
 _GATHER_BATCH_NBYTES = 4 << 20
 _SCRATCH_IN_FLIGHT = 2
 
@@ -441,18 +442,25 @@ class _GatherQueue:
         self._comm = comm
         self._storage = storage
         self._params = params
-        self._batched: list[tuple[Bucket, torch.Tensor]] = []
+        self._batched: list[tuple[Bucket, torch.Tensor | None]] = []
         self._batched_nbytes = 0
         self._pending: deque[tuple[Bucket, torch.Tensor, PendingGather]] = deque()
 
     def add(self, b: int, bucket: Bucket) -> None:
         """Start gathering bucket `b` (after its local update)."""
-        bounded = not self._storage.as_bucket_view
-        synchronous = self._comm.gathers_synchronously(bucket.buffer.device)
-        nbytes = bucket.numel * bucket.buffer.element_size()
+        device = bucket.segments.device
+        if self._comm.world_size == 1:
+            self._storage.finish_gather_(self._params, bucket, None)
+            return
+        if self._comm.gathers_in_place(device):
+            self._batched.append((bucket, None))  # one round for several; no scratch at all
+            return
+        bounded = bucket.buffer is None
+        synchronous = self._comm.gathers_synchronously(device)
+        nbytes = bucket.numel * bucket.segments.element_size()
         if synchronous and bounded and self._batched_nbytes + nbytes > _GATHER_BATCH_NBYTES:
             self._flush()  # before taking this bucket's scratch: the previous ones go back first
-        whole = self._storage.gather_target(bucket)
+        whole = self._storage.gather_target(bucket, self._comm.rank)
         if synchronous:
             self._batched.append((bucket, whole))  # no overlap to gain: one round for several
             self._batched_nbytes += nbytes
@@ -471,7 +479,10 @@ class _GatherQueue:
     def _flush(self) -> None:
         if not self._batched:
             return
-        self._comm.gather_buckets_([(whole, bucket.bounds) for bucket, whole in self._batched], what="parameter gather")
+        self._comm.gather_buckets_(
+            [(bucket.segments if whole is None else whole, bucket.bounds) for bucket, whole in self._batched],
+            what="parameter gather",
+        )
         for bucket, whole in self._batched:
             self._storage.finish_gather_(self._params, bucket, whole)
         self._batched.clear()

@@ -12,9 +12,11 @@ Two modes, chosen with `parameters_as_bucket_view`:
   straight into the weights. No extra memory or copy, but all parameters of a bucket share one
   storage, which storage-de-duplicating serializers take for one tensor.
 
-In both modes a parameter written or moved from outside after construction (`model.to(cpu:0)`,
-`model.load_state_dict`, `nn.init`) is settled at the next step: its values reach the bucket
-(and, in bucket-view mode, it is pointed back at its view). Must not import torch.distributed.
+In both modes every parameter has a "home", the tensor its storage is: its view in the bucket,
+or its own storage as it was when the optimizer was built. The local optimizer's pieces (and
+master copies' targets) are views into the homes. A parameter moved from outside after
+construction (`model.to(cpu:0)`, `load_state_dict(assign=True)`) is settled at the next step:
+its values are copied home and it is pointed back there. Must not import torch.distributed.
 """
 
 from __future__ import annotations
@@ -38,10 +40,7 @@ SCRATCH_POOL_NBYTES = 4 << 20
 
 
 class ParamStorage:
-    """Keep the parameters and the buckets in step, in one of the two modes above.
-
-    In own-storage mode the buffers hold only this rank's range of each bucket: a whole bucket
-    is a scratch buffer that lives from `gather_target` to `finish_gather_`.
+    """Keep the parameters at their homes (see the module docstring), and gather into them.
 
     Args:
         as_bucket_view: True for bucket views, False for parameters in their own storage.
@@ -49,44 +48,36 @@ class ParamStorage:
 
     def __init__(self, *, as_bucket_view: bool) -> None:
         self.as_bucket_view = as_bucket_view
-        self._index_to_view: dict[int, torch.Tensor] = {}
-        self._index_to_owned: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self._index_to_home: dict[int, torch.Tensor] = {}
         self._index_to_kind: dict[int, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self._index_to_version: dict[int, int] = {}
-        self._index_to_ptr: dict[int, int] = {}
         self._pool = BufferPool(max_nbytes=SCRATCH_POOL_NBYTES)
 
     def attach_(self, buffers: FlatBuffers, params: Sequence[torch.Tensor]) -> None:
-        """Take over the parameters of `buffers` (whose values are already in the buckets)."""
-        self._index_to_view.update(buffers.items())
-        self._index_to_owned.update(buffers.owned_parts())
+        """Take over the parameters of `buffers` (whose values are already at their homes)."""
+        self._index_to_home.update(buffers.homes())
         for index in buffers.indices():
             param = params[index]
             self._index_to_kind[index] = (param.shape, param.dtype, param.device)
-        if self.as_bucket_view:
-            buffers.bind_params_(params)
+        buffers.bind_params_(params)
         self.remember_(params, buffers.indices())
 
     def remember_(self, params: Sequence[torch.Tensor], indices: Iterable[int]) -> None:
-        """Record the version counters and storages of `indices` as in step with the buckets."""
+        """Record the version counters of `indices` as in step with the optimizer."""
         for index in indices:
-            param = params[index]
-            self._index_to_version[index] = param._version
-            self._index_to_ptr[index] = param.data_ptr()
+            self._index_to_version[index] = params[index]._version
 
     def settle_(self, params: Sequence[torch.Tensor], *, prefix: str) -> list[int]:
-        """Bring parameters written or moved from outside back in step with their buckets.
+        """Bring parameters written or moved from outside back to their homes.
 
         A parameter whose storage was replaced by a tensor of the same shape, dtype and device
-        type (e.g. `model.to(torch.device("cpu", 0))`, which copies) has its values copied into
-        its bucket; in bucket-view mode it is then pointed back at its view. In own-storage mode a
-        parameter written in place since the last step is copied into its bucket (the range this
-        rank holds). Local work only, but every rank sees the same model code, so every rank
-        settles the same parameters.
+        type (e.g. `model.to(torch.device("cpu", 0))`, which copies) has its values copied home
+        and is pointed back there. Local work only, but every rank sees the same model code, so
+        every rank settles the same parameters.
 
         Returns:
             The indices whose values may differ from what the optimizer last wrote (for master
-            copies to re-read).
+            copies to re-read): written in place, or moved with other values.
 
         Raises:
             RuntimeError: a parameter changed shape, dtype or device type.
@@ -97,59 +88,44 @@ class ParamStorage:
             _check_same_kind(index, param, kind, prefix=prefix)
             if param.numel() == 0:
                 continue
-            view = self._index_to_view.get(index)
-            home = view.data_ptr() if view is not None and self.as_bucket_view else self._index_to_ptr.get(index)
-            replaced = param.data_ptr() != home
+            home = self._index_to_home[index]
+            replaced = param.data_ptr() != home.data_ptr() or param.stride() != home.stride()
             written = param._version != self._index_to_version.get(index)
             if not (replaced or written):
                 continue
-            pairs = self._pairs(index, param)
             # A move (e.g. .to(cpu:0)) carries the same values: master copies stay as they are.
-            if written or not all(torch.equal(src, dst) for src, dst in pairs):
+            if written or not torch.equal(param.detach(), home):
                 changed.append(index)
-            if replaced or not self.as_bucket_view:
+            if replaced:
                 with torch.no_grad():
-                    for src, dst in pairs:
-                        dst.copy_(src)
-            if replaced and view is not None and self.as_bucket_view:
-                param.data = view
+                    home.copy_(param.detach())
+                param.data = home
             self.remember_(params, [index])
         return changed
 
-    def _pairs(self, index: int, param: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Return (values in the parameter, where the buckets keep them) for parameter `index`."""
-        view = self._index_to_view.get(index)
-        if view is not None:
-            return [(param.detach(), view)]
-        flat = param.detach().reshape(-1)
-        return [(flat.narrow(0, start, owned.numel()), owned) for start, owned in self._index_to_owned.get(index, [])]
-
-    def gather_target(self, bucket: Bucket) -> torch.Tensor:
-        """Return the whole bucket to gather into, this rank's range filled in.
+    def gather_target(self, bucket: Bucket, rank: int) -> torch.Tensor:
+        """Return the whole bucket as one tensor to gather into, this rank's range filled in.
 
         Bucket views: the bucket itself. Own storage: a scratch buffer (give it to
         `finish_gather_` once gathered).
         """
-        if self.as_bucket_view:
+        if bucket.buffer is not None:
             return bucket.buffer
-        whole = self._pool.take(bucket.numel, bucket.buffer.dtype, bucket.buffer.device)
-        whole.narrow(0, bucket.owned_start, bucket.buffer.numel()).copy_(bucket.buffer)
+        whole = self._pool.take(bucket.numel, bucket.segments.dtype, bucket.segments.device)
+        lo, hi = bucket.bounds[rank], bucket.bounds[rank + 1]
+        bucket.segments.read_(lo, hi, whole.narrow(0, lo, hi - lo))
         return whole
 
-    def finish_gather_(self, params: Sequence[torch.Tensor], bucket: Bucket, whole: torch.Tensor) -> None:
-        """Copy the gathered bucket `whole` out into the parameters of `bucket` (own-storage mode)."""
-        if self.as_bucket_view:
-            return
-        pairs = [
-            (params[i].detach(), whole.narrow(0, start, params[i].numel()).view(params[i].shape))
-            for i, start in zip(bucket.param_indices, bucket.starts)
-            if params[i].numel()
-        ]
-        with torch.no_grad():
-            if pairs:
-                torch._foreach_copy_([dst for dst, _ in pairs], [src for _, src in pairs])
+    def finish_gather_(self, params: Sequence[torch.Tensor], bucket: Bucket, whole: torch.Tensor | None) -> None:
+        """Copy the gathered bucket `whole` out into the parameters (scratch), and note them as in step.
+
+        `whole` is None after a gather straight into the parameters (`bucket.segments`).
+        """
+        if whole is not None and whole is not bucket.buffer:
+            with torch.no_grad():
+                bucket.segments.write_(0, bucket.numel, whole)
+            self._pool.give_back(whole)
         self.remember_(params, bucket.param_indices)
-        self._pool.give_back(whole)
 
     def extra_nbytes(self, params: Sequence[torch.Tensor]) -> int:
         """Return the bytes the parameters' own storage and the scratch buckets add (0 for views)."""

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from shardoptim.segments import Segments
 from shardoptim.shm import SharedStaging
 
 
@@ -47,8 +48,23 @@ def _check_staging(rank: int, world_size: int, *, half_nbytes: int) -> int:
             buckets = [torch.full((n,), float("nan")).to(dtype) for n, _ in cases]
             for bucket, ref, (_, bounds) in zip(buckets, full, cases):
                 bucket[bounds[rank] : bounds[rank + 1]] = ref[bounds[rank] : bounds[rank + 1]]
-            assert staging.gather_many_([(b, bounds) for b, (_, bounds) in zip(buckets, cases)])
+            # and one bucket held in segments (parameters in their own storage): padding between
+            # and after them, rank ranges cutting through segments and padding alike
+            seg_numel, seg_bounds = 1000, [0, 310, 700, 1000][:world_size] + [1000]
+            spans = [(0, 300), (320, 500), (832, 100)]
+            seg_ref = _contribution(7, seg_numel, dtype, call)
+            seg_parts = [torch.full((n,), float("nan")).to(dtype) for _, n in spans]
+            for (start, n), part in zip(spans, seg_parts):
+                lo, hi = max(start, seg_bounds[rank]), min(start + n, seg_bounds[rank + 1])
+                if lo < hi:
+                    part[lo - start : hi - start] = seg_ref[lo:hi]
+            segmented = Segments(list(zip([start for start, _ in spans], seg_parts)), seg_numel)
+            assert staging.gather_many_(
+                [(b, bounds) for b, (_, bounds) in zip(buckets, cases)] + [(segmented, seg_bounds)]
+            )
             assert all(torch.equal(b, ref) for b, ref in zip(buckets, full))
+            for (start, n), part in zip(spans, seg_parts):
+                assert torch.equal(part, seg_ref[start : start + n]), (rank, start, n, dtype)
             call += 1
             # reduce-scatter: the same sum, in rank order, as a direct computation
             for numel, bounds in cases:
@@ -75,9 +91,9 @@ def _check_staging(rank: int, world_size: int, *, half_nbytes: int) -> int:
 
 def test_staging_is_bounded_and_exact(ranks3: Any) -> None:
     """Many rounds through a 1 KiB half give the exact gathers and rank-ordered sums."""
-    assert ranks3.run(_check_staging, half_nbytes=1024) == [2048] * 3
+    assert ranks3.run(_check_staging, half_nbytes=1024) == [2 * 1024 + 3 * 64] * 3
 
 
 def test_staging_one_round_per_call(ranks2: Any) -> None:
     """A half larger than every bucket: one round per call, the same results."""
-    assert ranks2.run(_check_staging, half_nbytes=1 << 16) == [2 << 16] * 2
+    assert ranks2.run(_check_staging, half_nbytes=1 << 16) == [(2 << 16) + 2 * 64] * 2

@@ -157,7 +157,7 @@ def _check_memory_is_sharded(rank: int, world_size: int) -> dict[str, int]:
     shards = sum(t.numel() * t.element_size() for t in opt._reducer.shards())
     assert owned * 4 <= shards <= (owned + 64 * len(opt._buckets)) * 4
     # plus at most POOL_SIZE full buckets kept for reuse
-    largest = max(b.numel * b.buffer.element_size() for b in opt._buckets)
+    largest = max(b.numel * b.segments.element_size() for b in opt._buckets)
     assert shards < sizes["grads"] <= shards + POOL_SIZE * largest
     assert sizes["state"] == 2 * owned * 4 + 4 * len(opt.optim.state)  # exp_avg, exp_avg_sq, 4-byte steps
     return sizes

@@ -18,12 +18,16 @@ def _model() -> torch.nn.Module:
 @pytest.mark.parametrize("as_view", [False, True])
 def test_single_process_matches_torch_and_storage_mode(as_view: bool) -> None:
     model, ref = _model(), _model()
+    before = [p.data_ptr() for p in model.parameters()]
     opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, parameters_as_bucket_view=as_view, lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
     buffer = opt._buckets[0].buffer
-    for p in model.parameters():
-        inside = buffer.data_ptr() <= p.data_ptr() < buffer.data_ptr() + buffer.numel() * 4
-        assert inside == as_view
+    if as_view:
+        assert buffer is not None
+        for p in model.parameters():
+            assert buffer.data_ptr() <= p.data_ptr() < buffer.data_ptr() + buffer.numel() * 4
+    else:  # own storage: the parameters keep the storage they came with, and no bucket copy exists
+        assert buffer is None and [p.data_ptr() for p in model.parameters()] == before
     ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert len(ptrs) == (1 if as_view else 4)  # own storage: no two parameters share one
     for _ in range(3):
@@ -145,9 +149,11 @@ def test_moved_parameters_are_rebound_at_the_next_step(as_view: bool) -> None:
             m(torch.ones(4, 8)).sum().backward()
             o.step()
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
-    buffer = opt._buckets[0].buffer
-    inside = [buffer.data_ptr() <= p.data_ptr() < buffer.data_ptr() + buffer.numel() * 4 for p in model.parameters()]
-    assert inside == [as_view] * 4
+    homes = [piece.local for piece in opt._pieces]  # views into the bucket, or into each parameter's home
+    for p, home in zip(model.parameters(), homes):
+        assert p.untyped_storage().data_ptr() == home.untyped_storage().data_ptr()
+    if not as_view:  # pointed back at the storage they had at construction (the pieces' homes)
+        assert [p.data_ptr() for p in model.parameters()] == old
 
 
 def test_bad_lr_surfaces_and_model_untouched() -> None:
