@@ -44,8 +44,9 @@ GatherMethod = Literal["broadcast", "all_gather", "shm"]
 
 #: Timing repeats per candidate when choosing between MPI and torch.distributed.
 _CALIBRATION_REPEATS = 3
-#: MPI collectives wait this long when the Comm has no timeout (torch's default group timeout).
-_DEFAULT_MPI_TIMEOUT_S = 1800.0
+#: Waits outside torch.distributed (MPI, the shared-memory barrier) last at most this long when
+#: neither the Comm nor its process group says how long: torch's default group timeout.
+_DEFAULT_TIMEOUT_S = 1800.0
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
 
@@ -203,12 +204,11 @@ class Comm:
             return None
         from shardoptim.mpi_comm import MpiCollectives
 
-        timeout_s = self.timeout.total_seconds() if self.timeout is not None else _DEFAULT_MPI_TIMEOUT_S
         mpi = MpiCollectives.create(
             self.rank,
             world_size=self.world_size,
             global_ranks=[self.global_rank(r) for r in range(self.world_size)],
-            timeout_s=timeout_s,
+            timeout_s=self.timeout_s(),
         )
         everyone = self.all_gather_object(mpi is not None, what="MPI availability check")
         if all(everyone):
@@ -247,6 +247,23 @@ class Comm:
             logger.info("%s: MPI %.2f ms, torch.distributed %.2f ms", what, 1e3 * mpi_s, 1e3 * torch_s)
         return bool(mpi_s < torch_s)
 
+    def timeout_s(self) -> float:
+        """Seconds a wait outside torch.distributed (MPI, the shared-memory barrier) may last.
+
+        The timeout given to this Comm, else the process group's own (`init_process_group(timeout=)`,
+        `new_group(timeout=)`), else torch's default of 30 minutes.
+        """
+        if self.timeout is not None:
+            return self.timeout.total_seconds()
+        if not self.is_distributed:
+            return _DEFAULT_TIMEOUT_S
+        group = self.group if self.group is not None else dist.group.WORLD
+        try:
+            assert group is not None
+            return float(group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+        except (AttributeError, RuntimeError):  # no CPU backend, or a torch without the field
+            return _DEFAULT_TIMEOUT_S
+
     def _shared_staging(self) -> SharedStaging:
         """Return the one staging area of the group, for gathers and reduce-scatters alike.
 
@@ -259,6 +276,7 @@ class Comm:
                 self.world_size,
                 functools.partial(self.all_gather_object, what="shared-memory setup"),
                 lambda what: self.barrier(what=what),
+                timeout_s=self.timeout_s(),
             )
         return self._staging
 

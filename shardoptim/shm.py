@@ -63,10 +63,6 @@ def _aligned(nbytes: int) -> int:
 #: barriers, 8 MiB halves made 4-rank stage-2 steps on 2 cores about 25% slower than 16 MiB).
 HALF_NBYTES = 4 << 20
 
-#: Seconds a shared-memory barrier waits for a rank that is alive before it raises (a dead rank
-#: is noticed within 0.1 s), when the group has no timeout of its own: torch's default.
-DEFAULT_TIMEOUT_S = 1800.0
-
 #: One piece of a gather round: (bucket, bounds, start, end, byte offset in the half).
 _Segment = tuple[Segments, Sequence[int], int, int, int]
 _GATHER = "parameter gather (shared memory)"
@@ -89,7 +85,8 @@ class SharedStaging:
         barrier: the group's barrier (under the group's timeout), given the operation's name for
             its error message.
         half_nbytes: bytes of each half (the same on every rank).
-        timeout_s: how long a round's barrier waits for a live rank before it raises.
+        timeout_s: how long a round's barrier waits for a live rank before it raises (a dead
+            rank is noticed within 0.1 s); the group's timeout.
     """
 
     def __init__(
@@ -100,7 +97,7 @@ class SharedStaging:
         barrier: Callable[[str], None],
         *,
         half_nbytes: int = HALF_NBYTES,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float,
     ) -> None:
         self._rank = rank
         self._world_size = world_size

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
 from shardoptim import ShardedOptimizer, checkpoint
+from shardoptim.comm import Comm
 from tests._dist import RankPool, all_equal_across_ranks
 
 WORLD_SIZE = 3
@@ -300,3 +301,30 @@ def test_step_on_some_ranks_only_times_out(tmp_path: Path) -> None:
     assert max(record["seconds"] for record in records.values()) > PG_TIMEOUT_S / 2, (
         "detected before any timeout?"
     )
+
+
+def _check_shm_round_skipped_by_rank0(rank: int, world_size: int, *, out: str) -> None:
+    group = _short_group()
+    try:
+        comm = Comm(group)
+        bounds = [0, 64, 128, 192]
+        staging = comm._shared_staging()
+        assert staging.gather_many_([(torch.zeros(192), bounds)])  # maps the area; every rank takes part
+        if rank != 0:
+            _timed(out, rank, lambda: staging.gather_many_([(torch.zeros(192), bounds)]))
+        dist.barrier()  # rank 0 skipped the round; it waits here on the pool's group, as above
+    finally:
+        dist.destroy_process_group(group)
+
+
+def test_shm_round_on_some_ranks_only_times_out_after_the_group_timeout(tmp_path: Path) -> None:
+    """The shared-memory barrier waits as long as the group's own timeout, not torch's 30-minute default."""
+    with RankPool(WORLD_SIZE, timeout_s=POOL_TIMEOUT_S) as pool:
+        pool.run(_check_shm_round_skipped_by_rank0, out=str(tmp_path))
+    records = _records(tmp_path, [1, 2])
+    _report("rank 0 skips a shared-memory gather round (ranks 1, 2 enter it)", records)
+    for rank, record in records.items():
+        assert record["error"] == "RuntimeError", record
+        assert record["message"].startswith(f"[rank {rank}/{WORLD_SIZE}] parameter gather (shared memory)"), record
+        assert "ranks [0] did not reach barrier" in record["message"], record
+        assert PG_TIMEOUT_S <= record["seconds"] < PG_TIMEOUT_S + MARGIN_S, record

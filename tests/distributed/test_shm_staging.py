@@ -32,7 +32,7 @@ def _barrier(what: str) -> None:
 
 
 def _check_staging(rank: int, world_size: int, *, half_nbytes: int) -> int:
-    staging = SharedStaging(rank, world_size, _all_gather_object, _barrier, half_nbytes=half_nbytes)
+    staging = SharedStaging(rank, world_size, _all_gather_object, _barrier, half_nbytes=half_nbytes, timeout_s=60.0)
     # (numel, bounds): even, uneven (whole-tensor style), one rank empty, smaller than a round.
     cases = [
         (1000, [0, 334, 667, 1000][:world_size] + [1000]),
