@@ -43,7 +43,6 @@ class FlatBuffers:
         self.buffers: list[torch.Tensor | None] = []
         """Per bucket: the whole bucket (full), else None."""
         self._index_to_home: dict[int, torch.Tensor] = {}
-        self._index_to_start: dict[int, int] = {}
         with torch.no_grad():
             for bucket in layout.buckets:
                 first = params[bucket.placements[0].index]
@@ -55,7 +54,6 @@ class FlatBuffers:
                 for placement in bucket.placements:
                     param = params[placement.index]
                     index = offset + placement.index
-                    self._index_to_start[index] = placement.start_global
                     if buffer is not None:
                         view = buffer.narrow(0, placement.start_global, placement.numel)
                         view.copy_(param.detach().reshape(-1))
@@ -98,6 +96,10 @@ class FlatBuffers:
             params: the optimizer's list of all parameters (indexed with the offset).
         """
         for index, home in self._index_to_home.items():
-            param = params[index]
-            if param.data_ptr() != home.data_ptr() or param.stride() != home.stride():
-                param.data = home
+            if not at_home(params[index], home):
+                params[index].data = home
+
+
+def at_home(param: torch.Tensor, home: torch.Tensor) -> bool:
+    """Return whether `param`'s storage is `home` (the same memory, laid out the same way)."""
+    return param.data_ptr() == home.data_ptr() and param.stride() == home.stride()

@@ -374,9 +374,8 @@ class Comm:
         Such a gather reads and writes the parameters' own storage directly (no whole-bucket
         buffer). Collective on first use (it settles the gather method).
         """
-        if not self.gathers_synchronously(device):
-            return False
-        return self._resolve_gather_method() == "shm" and (self._mpi is None or self.mpi_gather is False)
+        synchronous = self.gathers_synchronously(device)  # settles gather_method and MPI
+        return synchronous and self.gather_method == "shm" and (self._mpi is None or self.mpi_gather is False)
 
     def gather_buckets_(self, buckets: Sequence[tuple[torch.Tensor | Segments, Sequence[int]]], *, what: str) -> None:
         """Gather several buckets now; on shared memory in rounds of one staging half, one barrier each.

@@ -85,9 +85,10 @@ class MasterShards:
     def write_back_(self, buckets: Iterable[int]) -> None:
         """Cast the master copies of `buckets` into the model's parameters (before their gather)."""
         for bucket in buckets:
-            shard = self._bucket_to_shard.get(bucket)
-            for piece, target in self._bucket_to_pieces.get(bucket, []):
-                assert shard is not None
+            if bucket not in self._bucket_to_shard:
+                continue
+            shard = self._bucket_to_shard[bucket]
+            for piece, target in self._bucket_to_pieces[bucket]:
                 target.copy_(shard.narrow(0, piece.start_local, piece.numel))
 
 

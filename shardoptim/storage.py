@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from shardoptim.buffers import FlatBuffers
+from shardoptim.buffers import FlatBuffers, at_home
 from shardoptim.bufpool import BufferPool
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class ParamStorage:
             if param.numel() == 0:
                 continue
             home = self._index_to_home[index]
-            replaced = param.data_ptr() != home.data_ptr() or param.stride() != home.stride()
+            replaced = not at_home(param, home)
             written = param._version != self._index_to_version.get(index)
             if not (replaced or written):
                 continue
