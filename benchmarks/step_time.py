@@ -25,7 +25,10 @@ OMP_NUM_THREADS=1 and torch.set_num_threads(1) in every rank), one after another
     shardoptim all_gather  the same with `opt._comm.gather_method = "all_gather"` (gloo's all_gather)
     zero default           ZeroRedundancyOptimizer(params, optimizer_class=AdamW)
     zero best              the same with parameters_as_bucket_view=True and fused=True
+    shardoptim fused=None  the same with fused=None: AdamW picks its own kernel, as a plain AdamW(params)
+                           does (single-tensor on CPU, foreach on CUDA): the numbers of the plain run
     unsharded fused        torch.optim.AdamW(fused=True) on every rank, no communication
+    unsharded default      torch.optim.AdamW(params) without flags on every rank, no communication
 
 All use lr 1e-3 and weight_decay 0.1. Each rank sets .grad once to the same fixed random tensors,
 runs `--warmup` steps and then times `--steps` calls of step(), each after a barrier, with
@@ -90,9 +93,11 @@ CONFIGS = (
     "shardoptim bucket_view",
     "shardoptim broadcast",
     "shardoptim all_gather",
+    "shardoptim fused=None",
     "zero default",
     "zero best",
     "unsharded fused",
+    "unsharded default",
 )
 TARGET_VS_ZERO_DEFAULT = 0.35
 TARGET_VS_ZERO_BEST = 0.8
@@ -138,6 +143,8 @@ def _build(config: str, params: list[torch.nn.Parameter], bucket_numel: int | No
     if config.startswith("shardoptim"):
         if bucket_numel is not None:
             kw["bucket_numel"] = bucket_numel
+        if config == "shardoptim fused=None":  # the kernel plain AdamW(params) picks: reproduces a plain run
+            return shardoptim.ShardedOptimizer(params, torch.optim.AdamW, fused=None, **kw)
         if config == "shardoptim bucket_view":
             return shardoptim.ShardedOptimizer(params, torch.optim.AdamW, parameters_as_bucket_view=True, **kw)
         opt = shardoptim.ShardedOptimizer(params, torch.optim.AdamW, **kw)
@@ -152,6 +159,8 @@ def _build(config: str, params: list[torch.nn.Parameter], bucket_numel: int | No
         )
     if config == "unsharded fused":
         return torch.optim.AdamW(params, fused=True, **kw)
+    if config == "unsharded default":
+        return torch.optim.AdamW(params, **kw)
     raise ValueError(f"unknown config {config!r}; choose from {CONFIGS}")
 
 

@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from shardoptim.amp import ShardedGradScaler
+from shardoptim.entry import EntryError
 from shardoptim.hparams import all_reduce_metric
 from shardoptim.hybrid import HybridGroups, hybrid_groups
 from shardoptim.kinds import register_elementwise, register_per_tensor
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_BUCKET_NUMEL",
     "DistInfo",
+    "EntryError",
     "HybridGroups",
     "ShardedGradScaler",
     "ShardedOptimizer",

@@ -111,6 +111,7 @@ def save(
         raise ValueError(
             "sharded checkpoints of LBFGS are not supported; use consolidate_state_dict() + state_dict()"
         )
+    optimizer._entry.enter("shardoptim.checkpoint.save", lone_rank=0)
     replicas = optimizer._replicas
     if replicas is None:
         _save(path, optimizer, model=model, extra=extra)
@@ -333,6 +334,7 @@ def load(
         The saved extras (state dicts for the stateful objects), {} when none were saved.
     """
     comm = optimizer._comm
+    optimizer._entry.enter("shardoptim.checkpoint.load", lone_rank=0)
     comm.barrier(what="checkpoint.load (start)")
     where = _resolve(path)
     meta, tensors = _read_meta(where)

@@ -51,6 +51,8 @@ class ShardConfig:
     """Skip the step on every rank when any gradient shard holds an inf or nan."""
     comm_backend: CommBackend = "auto"
     """Library for the flat CPU collectives (mpi4py under mpirun, or torch.distributed)."""
+    entry_timeout_s: float = 60.0
+    """How long the rank a consolidation or checkpoint targets waits for the others to call it too."""
 
     @classmethod
     def from_options(cls, **options: Any) -> ShardConfig:
@@ -89,6 +91,12 @@ class ShardConfig:
         if not isinstance(self.parameters_as_bucket_view, bool):
             raise TypeError(
                 f"parameters_as_bucket_view must be True or False, got {self.parameters_as_bucket_view!r}"
+            )
+        timeout = self.entry_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(
+                f"entry_timeout_s must be a number of seconds > 0, got {timeout!r}; it bounds how long a "
+                "consolidation or checkpoint waits for every rank to call it"
             )
         if not isinstance(self.skip_nonfinite, bool):
             raise TypeError(f"skip_nonfinite must be True or False, got {self.skip_nonfinite!r}")

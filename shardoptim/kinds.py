@@ -185,12 +185,13 @@ def resolve_impl_flags(
 
     fused is picked when the class takes it and every parameter has a floating dtype on a device
     with fused kernels (on CPU fused AdamW is about 5x faster than foreach); else foreach when the
-    class takes it. An explicit user choice (in the defaults or in any group) is kept as given.
+    class takes it. An explicit user choice (in the defaults or in any group) is kept as given,
+    None included: `fused=None` leaves the choice to the class, as a plain `AdamW(params)` does.
     """
     out = dict(defaults)
     groups = list(groups)
-    chosen = any(out.get(k) is not None for k in ("fused", "foreach"))
-    chosen = chosen or any(g.get(k) is not None for g in groups for k in ("fused", "foreach"))
+    flags = ("fused", "foreach")
+    chosen = any(k in out for k in flags) or any(k in g for g in groups for k in flags)
     if chosen or out.get("differentiable"):
         return out
     if not optimizer_class.__module__.startswith("torch.optim"):

@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from shardoptim.buffers import FlatBuffers
 from shardoptim.comm import Comm
 from shardoptim.config import DEFAULT_BUCKET_NUMEL, CommBackend, ShardConfig, Stage
+from shardoptim.entry import EntryCheck
 from shardoptim.grads import GradReducer, GradSlot
 from shardoptim.hparams import (
     STRUCTURE_KEYS,
@@ -86,6 +87,9 @@ class ShardedOptimizer(Stepping, Optimizer):
         skip_nonfinite: skip the step on every rank when any gradient holds an inf or nan.
         comm_backend: "auto" moves flat CPU collectives with mpi4py under mpirun when that
             measures faster, "torch" always uses torch.distributed, "mpi" requires mpi4py.
+        entry_timeout_s: how long the target rank of `consolidate_state_dict` (or rank 0 of a
+            sharded checkpoint) waits for every other rank to call it too before it raises, naming
+            the likely mistake (a collective called inside `if rank == 0:`); default 60 s.
         replicate_group: hybrid sharding: the state is sharded within `process_group` (e.g. the
             ranks of one node) and replicated across this group, which holds the rank at the same
             shard position in every other shard group (`shardoptim.hybrid_groups()` builds both
@@ -112,6 +116,7 @@ class ShardedOptimizer(Stepping, Optimizer):
         master_dtype: torch.dtype | None = None,
         skip_nonfinite: bool = False,
         comm_backend: CommBackend = "auto",
+        entry_timeout_s: float = 60.0,
         shard_group: dist.ProcessGroup | None = None,
         replicate_group: dist.ProcessGroup | None = None,
         device_mesh: Any = None,
@@ -133,6 +138,7 @@ class ShardedOptimizer(Stepping, Optimizer):
             master_dtype=master_dtype,
             skip_nonfinite=skip_nonfinite,
             comm_backend=comm_backend,
+            entry_timeout_s=entry_timeout_s,
         )
         self._kind: Kind = resolve_kind(optimizer_class, sharding)
         #: What probing the base class found (None for classes of known kind, or a forced sharding).
@@ -227,6 +233,14 @@ class ShardedOptimizer(Stepping, Optimizer):
             for key, value in local_group.items():
                 if key not in STRUCTURE_KEYS:
                     wrapper_group.setdefault(key, value)
+        # NOTE: last, so a construction that failed on some rank never took an entry namespace.
+        self._entry = EntryCheck(
+            self._comm.group,
+            rank=self._comm.rank,
+            world_size=self._comm.world_size,
+            deadline_s=self.config.entry_timeout_s,
+            group_timeout_s=self._comm.timeout_s(),
+        )
         self._log_layout()
 
     def _settle_comm_backend(self) -> None:
@@ -444,8 +458,11 @@ class ShardedOptimizer(Stepping, Optimizer):
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Gather the full optimizer state onto rank `to`, for a following `state_dict()` there.
 
-        Collective: call on every rank of the group, in the same order. Streams tensor by tensor
-        (no shard is pickled); the result is kept on rank `to` until the next `step`. With hybrid
+        Collective: call on every rank of the group, in the same order, not inside `if rank ==
+        to:` (hand-written loops: call it before the rank-0 save block, or use `full_state_dict`).
+        Called on rank `to` alone it raises `shardoptim.EntryError` after `entry_timeout_s`
+        (default 60 s) instead of waiting for the group's timeout. Streams tensor by tensor (no
+        shard is pickled); the result is kept on rank `to` until the next `step`. With hybrid
         sharding `to` is a rank of the shard group, and only the lead replica (the shard group of
         global rank 0) gathers: every other rank's `state_dict()` then returns `{}`.
         """
@@ -457,8 +474,24 @@ class ShardedOptimizer(Stepping, Optimizer):
                 f"{self._comm.world_size - 1} (with hybrid sharding, a rank of the shard group)"
             )
         lead = self._replicas is None or self._replicas.is_lead
+        if lead:
+            self._entry.enter("consolidate_state_dict", lone_rank=to)
         self._consolidated = consolidate(self, to=to) if lead else None
         self._consolidated_to = to
+
+    def full_state_dict(self, to: int = 0) -> dict[str, Any] | None:
+        """Return the full optimizer state on rank `to` and None on every other rank.
+
+        One call for hand-written loops: `consolidate_state_dict(to)` then `state_dict()` there.
+        The dict is the base optimizer's own format (a plain torch.optim optimizer loads it).
+
+        Collective: call on every rank of the group, in the same order, outside `if rank == to:`:
+            sd = opt.full_state_dict(to=0)
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": sd}, path)
+        """
+        self.consolidate_state_dict(to=to)
+        return self.state_dict() if self._comm.rank == to and self._consolidated is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         """Return the optimizer state in the base optimizer's own format, without communicating.
@@ -469,7 +502,8 @@ class ShardedOptimizer(Stepping, Optimizer):
           [...]}` on every rank, as a fresh torch.optim optimizer returns.
         - In a group of one rank: the full state (consolidated on the spot).
 
-        Safe to call on one rank only (e.g. rank 0 saving a checkpoint): it never communicates.
+        Safe to call on one rank only (e.g. rank 0 saving a checkpoint): it never communicates;
+        the collective is `consolidate_state_dict`, which every rank must call before.
 
         Raises:
             RuntimeError: state exists on several ranks but was not consolidated since the last step.

@@ -56,6 +56,8 @@ def test_impl_flags() -> None:
     assert resolve_impl_flags(torch.optim.AdamW, {"foreach": True}, [{"params": p}]) == {"foreach": True}
     assert resolve_impl_flags(torch.optim.AdamW, {"fused": False}, [{"params": p}]) == {"fused": False}
     assert resolve_impl_flags(torch.optim.AdamW, {}, [{"params": p, "foreach": False}]) == {}
+    # An explicit None is a choice too: the class picks, as a plain AdamW(params) does.
+    assert resolve_impl_flags(torch.optim.AdamW, {"fused": None}, [{"params": p}]) == {"fused": None}
     assert resolve_impl_flags(torch.optim.AdamW, {}, [{"params": [torch.zeros(2, dtype=torch.int64)]}]) == {
         "foreach": True
     }
