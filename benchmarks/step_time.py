@@ -4,6 +4,8 @@ Run from the repository root (CPU, gloo; spawns its own ranks, nothing else to l
 
     python benchmarks/step_time.py                          # N = 2 and 4, about 55M params, ~3 min
     python benchmarks/step_time.py --numel-scale 0.05 --steps 5 --world-sizes 2   # quick smoke run
+    python benchmarks/step_time.py --world-sizes 2 --shape 4000x16 --steps 24 \
+        --configs shardoptim "shardoptim bucket_view" "zero best" "unsharded fused"   # host overhead per tensor
     python benchmarks/step_time.py --world-sizes 2 --configs shardoptim \
         --bucket-numels 4194304 8388608 33554432 --profile --repeat 2           # bucket sweep + profile
 
@@ -126,6 +128,19 @@ def transformer_shapes(scale: float = 1.0) -> list[tuple[int, ...]]:
         ]  # fmt: skip
     shapes += [(d,), (d,)]  # ln_f weight, bias
     return shapes
+
+
+#: --shape: the transformer above, or many equal 1-D tensors ("COUNTxNUMEL"): the host overhead
+#: per tensor shows where there is little to compute (300 x 16 is a Llama-8B's tensor count).
+SHAPES = ("transformer", "300x16", "4000x16", "4000x2500")
+
+
+def param_shapes(shape: str, scale: float) -> list[tuple[int, ...]]:
+    """Return the shapes for --shape (the transformer's scaled by `scale`)."""
+    if shape == "transformer":
+        return transformer_shapes(scale)
+    count, numel = (int(v) for v in shape.split("x"))
+    return [(numel,)] * count
 
 
 def _label(config: str, bucket_numel: int | None) -> str:
@@ -325,6 +340,7 @@ def _bench_rank(
     world_size: int,
     *,
     config: str,
+    shape: str,
     scale: float,
     warmup: int,
     steps: int,
@@ -332,7 +348,7 @@ def _bench_rank(
     profile: bool,
 ) -> dict[str, Any]:
     torch.set_num_threads(1)
-    shapes = transformer_shapes(scale)
+    shapes = param_shapes(shape, scale)
     gen = torch.Generator().manual_seed(0)
     # NOTE: filled in place, so building them leaves no freed temporaries behind that would
     # count in the peak RSS but not in the baseline.
@@ -371,6 +387,7 @@ def _run(args: argparse.Namespace, config: str, world_size: int, bucket_numel: i
         world_size=world_size,
         kwargs={
             "config": config,
+            "shape": args.shape,
             "scale": args.numel_scale,
             "warmup": args.warmup,
             "steps": args.steps,
@@ -392,7 +409,7 @@ def _run(args: argparse.Namespace, config: str, world_size: int, bucket_numel: i
 
 
 def _summarise(
-    runs: list[dict[str, Any]], *, world_size: int, numel: int
+    runs: list[dict[str, Any]], *, world_size: int, numel: int, num_tensors: int
 ) -> tuple[list[list[str]], dict[str, dict[str, Any]]]:
     """Pool the runs of each label (repeats): median over all their timed steps, worst memory."""
     ideal = 8 * numel / world_size
@@ -424,6 +441,7 @@ def _summarise(
             f"{s['ratio_max']:.4f}",
             f"{s['rss_mib']:.0f}",
             f"{s['cpu_ms']:.1f}",
+            f"{s['ms'] / num_tensors:.4f}",
         ]
         if repeated:
             row.append(" ".join(f"{ms:.0f}" for ms in s["run_ms"]))
@@ -478,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--numel-scale", type=float, default=1.0, help="shrink the model, e.g. 0.05 (default 1)"
     )
+    parser.add_argument(
+        "--shape", default="transformer", choices=SHAPES, help="the transformer, or COUNT equal tensors of NUMEL"
+    )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS, help="subset to run")
     parser.add_argument(
         "--bucket-numels", type=int, nargs="*", default=[], help="extra shardoptim rows, one per bucket_numel"
@@ -494,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 0 or args.numel_scale <= 0 or args.repeat < 1:
         parser.error("need --steps >= 1, --warmup >= 0, --numel-scale > 0 and --repeat >= 1")
 
-    shapes = transformer_shapes(args.numel_scale)
+    shapes = param_shapes(args.shape, args.numel_scale)
     numel = sum(math.prod(s) for s in shapes)
     print(
         f"# step_time: AdamW(lr={LR}, weight_decay={WEIGHT_DECAY}) on {numel:,} fp32 params "
@@ -516,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         "state / (total/N)",
         "peak extra RSS MiB",
         "step CPU ms per rank",
+        "ms per tensor",
     ]
     ok = True
     for world_size in args.world_sizes:
@@ -525,8 +547,8 @@ def main(argv: list[str] | None = None) -> int:
             runs += [_run(args, c, world_size, None) for c in args.configs]
             swept = [c for c in args.configs if c.startswith("shardoptim")] or ["shardoptim"]
             runs += [_run(args, c, world_size, b) for c in swept for b in args.bucket_numels]
-        rows, by_label = _summarise(runs, world_size=world_size, numel=numel)
-        print(f"\n## N={world_size}, {numel:,} params, load average {os.getloadavg()[0]:.2f}\n")
+        rows, by_label = _summarise(runs, world_size=world_size, numel=numel, num_tensors=len(shapes))
+        print(f"\n## N={world_size}, {args.shape}: {numel:,} params, load average {os.getloadavg()[0]:.2f}\n")
         print(markdown_table(headers + (["per-run medians ms"] if args.repeat > 1 else []), rows))
         print(
             "\nstate MiB: every state tensor on the rank (for shardoptim, opt.local_state_nbytes()), max over "
@@ -538,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             _print_profile(runs, world_size)
         print()
-        if world_size == 2:
+        if world_size == 2 and args.shape == "transformer":
             ok &= _check_targets(by_label)
             print()
     return 0 if ok else 1

@@ -196,7 +196,9 @@ class ShardedOptimizer(Stepping, Optimizer):
         self._grads = OwnedGrads(
             self._comm, self._params, self._norm_pieces, self._reducer, whole_tensors=self._kind != "flat"
         )
-        self._storage = ParamStorage(as_bucket_view=self.config.parameters_as_bucket_view)
+        self._storage = ParamStorage(
+            as_bucket_view=self.config.parameters_as_bucket_view, track_writes=self.config.master_dtype is not None
+        )
         self._consolidated: dict[str, Any] | None = None
         self._consolidated_to: int | None = None
         #: Whether optimizer state may exist on some rank (a step was taken or state was loaded):

@@ -44,6 +44,36 @@ class OwnedGrads:
         self._pieces = pieces
         self._reducer = reducer
         self._whole_tensors = whole_tensors
+        # NOTE: per piece, planned once (pieces only grow): (param index, owns the whole
+        # parameter, needs a cast to the piece's dtype); rebuilt when add_param_group added pieces.
+        self._plan: list[tuple[int, bool, bool]] = []
+
+    def piece_grads(self, active: Sequence[bool], has_grad: Sequence[bool] | None) -> list[torch.Tensor | None]:
+        """Return each local piece's gradient (None: its parameter has none, or its bucket is inactive).
+
+        The same as `piece_grad` for every piece, with the per-piece decisions planned once: a
+        piece that is a whole parameter of the piece's dtype gets `.grad` itself, flattened.
+        """
+        if self._reducer is not None:
+            return [self.piece_grad(p, has_grad) if active[p.bucket] else None for p in self._pieces]
+        if len(self._plan) != len(self._pieces):
+            self._plan = [
+                (
+                    p.index,
+                    p.in_param.start == 0 and p.in_param.numel == self._params[p.index].numel(),
+                    p.local.dtype != self._params[p.index].dtype,
+                )
+                for p in self._pieces
+            ]
+        out: list[torch.Tensor | None] = []
+        for piece, (index, whole, cast) in zip(self._pieces, self._plan):
+            grad = self._params[index].grad if active[piece.bucket] else None
+            if grad is not None and not self._whole_tensors:
+                grad = grad.reshape(-1) if whole else grad.reshape(-1).narrow(0, piece.in_param.start, piece.in_param.numel)
+            if grad is not None and cast:
+                grad = grad.to(piece.local.dtype)
+            out.append(grad)
+        return out
 
     def flush_(self) -> None:
         """Reduce what no_sync() left in `.grad` (stage 2). Collective: call on every rank."""

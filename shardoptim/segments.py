@@ -46,8 +46,12 @@ class Segments:
     def element_size(self) -> int:
         return self.dtype.itemsize
 
-    def _pairs(self, lo: int, hi: int, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Return matching views of the segments and of `flat` (bucket elements lo..hi) where they overlap."""
+    def pairs(self, lo: int, hi: int, flat: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Return matching views of the segments and of `flat` (bucket elements lo..hi) where they overlap.
+
+        One view per segment in range: a caller that copies the same ranges every step should
+        keep the lists (the segments never change) rather than ask again.
+        """
         mine: list[torch.Tensor] = []
         theirs: list[torch.Tensor] = []
         first = max(bisect.bisect_right(self._starts, lo) - 1, 0)
@@ -62,12 +66,12 @@ class Segments:
 
     def read_(self, lo: int, hi: int, out: torch.Tensor) -> None:
         """Copy bucket elements [lo, hi) into `out` (out[0] is element lo); padding leaves `out` as it was."""
-        mine, theirs = self._pairs(lo, hi, out)
+        mine, theirs = self.pairs(lo, hi, out)
         if mine:
             torch._foreach_copy_(theirs, mine)
 
     def write_(self, lo: int, hi: int, src: torch.Tensor) -> None:
         """Copy `src` (bucket elements [lo, hi)) into the segments; padding is dropped."""
-        mine, theirs = self._pairs(lo, hi, src)
+        mine, theirs = self.pairs(lo, hi, src)
         if mine:
             torch._foreach_copy_(mine, theirs)

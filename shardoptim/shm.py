@@ -24,6 +24,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,6 +67,21 @@ HALF_NBYTES = 4 << 20
 #: One piece of a gather round: (bucket, bounds, start, end, byte offset in the half).
 _Segment = tuple[Segments, Sequence[int], int, int, int]
 _GATHER = "parameter gather (shared memory)"
+#: Gather rounds planned at most (a step over B buckets uses about B + total / HALF_NBYTES rounds).
+_MAX_PLANS = 4096
+
+
+@dataclass(slots=True)
+class _RoundPlan:
+    """The copies of one gather round: into the staging half, then out of it (see _round_plan)."""
+
+    buckets: list[Segments]
+    bounds: list[Sequence[int]]
+    read_dst: list[torch.Tensor] = field(default_factory=list)
+    read_src: list[torch.Tensor] = field(default_factory=list)
+    write_dst: list[torch.Tensor] = field(default_factory=list)
+    write_src: list[torch.Tensor] = field(default_factory=list)
+
 _REDUCE = "gradient reduce-scatter (shared memory)"
 
 
@@ -109,6 +125,7 @@ class SharedStaging:
         # NOTE: a reduce-scatter round needs world_size x (world_size - 1) slots of a cache line or more.
         self._half_nbytes = max(_aligned(half_nbytes), 64 * world_size * world_size)
         self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._plans: dict[tuple[object, ...], _RoundPlan] = {}
 
     @property
     def nbytes(self) -> int:
@@ -150,6 +167,7 @@ class SharedStaging:
             return False
         path = os.path.join(SHM_DIR, str(name))
         self._buffer = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        self._plans.clear()  # they point into the old mapping
         if SpinBarrier.supported():  # the counters start at zero: the file was just reserved
             pids = [int(entry[1]) for entry in everyone]  # type: ignore[index]
             flags = self._buffer[halves:]
@@ -193,6 +211,7 @@ class SharedStaging:
         """
         if not self._ensure(_GATHER):
             return False
+        cacheable = all(isinstance(given, Segments) for given, _ in buckets)
         segments: list[_Segment] = []
         used = 0
         for given, bounds in buckets:
@@ -202,7 +221,7 @@ class SharedStaging:
             while start < numel:
                 room = (self._half_nbytes - used) // itemsize
                 if room == 0:
-                    self._gather_round(segments)
+                    self._gather_round(segments, cacheable=cacheable)
                     segments, used = [], 0
                     continue
                 end = min(numel, start + room)
@@ -210,30 +229,60 @@ class SharedStaging:
                 used = _aligned(used + (end - start) * itemsize)
                 start = end
         if segments:
-            self._gather_round(segments)
+            self._gather_round(segments, cacheable=cacheable)
         return True
 
-    def _gather_round(self, segments: Sequence[_Segment]) -> None:
-        """Run one gather round: own ranges into the next half, one barrier, other ranges out."""
+    def _gather_round(self, segments: Sequence[_Segment], *, cacheable: bool) -> None:
+        """Run one gather round: own ranges into the next half, one barrier, other ranges out.
+
+        `cacheable`: the buckets are the caller's own lasting `Segments` (keep the round's plan).
+        """
+        half_index = self._next_set
         half = self._next_half()
-        stages = []
+        plan = self._round_plan(half_index, half, segments, cacheable=cacheable)
+        if plan.read_dst:
+            torch._foreach_copy_(plan.read_dst, plan.read_src)
+        self._barrier(_GATHER)
+        if plan.write_dst:
+            torch._foreach_copy_(plan.write_dst, plan.write_src)
+
+    def _round_plan(
+        self, half_index: int, half: torch.Tensor, segments: Sequence[_Segment], *, cacheable: bool
+    ) -> _RoundPlan:
+        """Return the copies of a gather round: planned once per distinct round, then replayed.
+
+        A step gathers the same buckets in the same rounds every time, so the views (one per
+        parameter segment in range, which dominated the host time of steps over thousands of
+        small tensors) are kept. Plans hold the buckets they were made for and are used only for
+        those same objects (never for a new one at a reused address).
+        """
+        key = (half_index, tuple((id(b), id(bounds), start, end, offset) for b, bounds, start, end, offset in segments))
+        plan = self._plans.get(key)
+        if plan is not None and all(
+            held is given[0] and held_bounds is given[1]
+            for held, held_bounds, given in zip(plan.buckets, plan.bounds, segments)
+        ):
+            return plan
+        plan = _RoundPlan(buckets=[s[0] for s in segments], bounds=[s[1] for s in segments])
         for bucket, bounds, start, end, offset in segments:
             nbytes = (end - start) * bucket.element_size()
             stage = half[offset : offset + nbytes].view(bucket.dtype)
             lo, hi = max(start, bounds[self._rank]), min(end, bounds[self._rank + 1])
+            spans = [(start, end)] if lo >= hi else [(start, lo), (hi, end)]
             if lo < hi:
-                bucket.read_(lo, hi, stage[lo - start : hi - start])
-            stages.append(stage)
-        self._barrier(_GATHER)
-        for (bucket, bounds, start, end, _), stage in zip(segments, stages):
-            lo, hi = max(start, bounds[self._rank]), min(end, bounds[self._rank + 1])
-            if lo >= hi:
-                bucket.write_(start, end, stage)
-                continue
-            if lo > start:
-                bucket.write_(start, lo, stage[: lo - start])
-            if hi < end:
-                bucket.write_(hi, end, stage[hi - start :])
+                mine, theirs = bucket.pairs(lo, hi, stage[lo - start : hi - start])
+                plan.read_dst += theirs
+                plan.read_src += mine
+            for a, b in spans:
+                if a < b:
+                    mine, theirs = bucket.pairs(a, b, stage[a - start : b - start])
+                    plan.write_dst += mine
+                    plan.write_src += theirs
+        if cacheable:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
 
     def reduce_scatter_(
         self,

@@ -210,7 +210,7 @@ class Stepping:
 
     def _check_grads(self) -> None:
         """Reject gradients flat sharding cannot slice, on every rank (grads are the same everywhere)."""
-        if self._kind != "flat":
+        if self._kind != "flat" or not any([g is not None and g.is_sparse for g in (p.grad for p in self._params)]):
             return
         for index, param in enumerate(self._params):
             if param.grad is not None and param.grad.is_sparse:
@@ -222,10 +222,10 @@ class Stepping:
     def _attach_grads(self, active: list[bool], has_grad: list[bool] | None) -> list[bool]:
         """Point each local piece's .grad at its gradient; return per-bucket 'has work'."""
         work = [False] * len(self._buckets)
-        for piece in self._pieces:
-            grad = self._grads.piece_grad(piece, has_grad) if active[piece.bucket] else None
+        for piece, grad in zip(self._pieces, self._grads.piece_grads(active, has_grad)):
             piece.local.grad = grad
-            work[piece.bucket] = work[piece.bucket] or grad is not None
+            if grad is not None:
+                work[piece.bucket] = True
         return work
 
     def _steps_per_bucket(self) -> bool:
@@ -450,7 +450,7 @@ class _GatherQueue:
         """Start gathering bucket `b` (after its local update)."""
         device = bucket.segments.device
         if self._comm.world_size == 1:
-            self._storage.finish_gather_(self._params, bucket, None)
+            self._storage.finish_gather_(bucket, None)
             return
         if self._comm.gathers_in_place(device):
             self._batched.append((bucket, None))  # one round for several; no scratch at all
@@ -475,6 +475,7 @@ class _GatherQueue:
         self._flush()
         while self._pending:
             self._finish_oldest()
+        self._storage.in_step_(self._params)
 
     def _flush(self) -> None:
         if not self._batched:
@@ -484,11 +485,11 @@ class _GatherQueue:
             what="parameter gather",
         )
         for bucket, whole in self._batched:
-            self._storage.finish_gather_(self._params, bucket, whole)
+            self._storage.finish_gather_(bucket, whole)
         self._batched.clear()
         self._batched_nbytes = 0
 
     def _finish_oldest(self) -> None:
         bucket, whole, handle = self._pending.popleft()
         handle.wait()
-        self._storage.finish_gather_(self._params, bucket, whole)
+        self._storage.finish_gather_(bucket, whole)

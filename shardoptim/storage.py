@@ -44,14 +44,21 @@ class ParamStorage:
 
     Args:
         as_bucket_view: True for bucket views, False for parameters in their own storage.
+        track_writes: report parameters written in place from outside (master copies must re-read
+            them); without master copies such writes land at home and need nothing.
     """
 
-    def __init__(self, *, as_bucket_view: bool) -> None:
+    def __init__(self, *, as_bucket_view: bool, track_writes: bool) -> None:
         self.as_bucket_view = as_bucket_view
+        self.track_writes = track_writes
         self._index_to_home: dict[int, torch.Tensor] = {}
         self._index_to_kind: dict[int, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self._index_to_version: dict[int, int] = {}
         self._pool = BufferPool(max_nbytes=SCRATCH_POOL_NBYTES)
+        # NOTE: the fast check of settle_: every parameter's data pointer (and version counter when
+        # writes are tracked) as of the last time all were at home and in step; None: check each.
+        self._ptrs: list[int] | None = None
+        self._versions: list[int] | None = None
 
     def attach_(self, buffers: FlatBuffers, params: Sequence[torch.Tensor]) -> None:
         """Take over the parameters of `buffers` (whose values are already at their homes)."""
@@ -66,6 +73,13 @@ class ParamStorage:
         """Record the version counters of `indices` as in step with the optimizer."""
         for index in indices:
             self._index_to_version[index] = params[index]._version
+        self._ptrs = None
+
+    def in_step_(self, params: Sequence[torch.Tensor]) -> None:
+        """Record every parameter as in step with the optimizer (after the step's own writes)."""
+        if self.track_writes:
+            self._versions = [p._version for p in params]
+            self._index_to_version.update(zip(self._index_to_kind, (self._versions[i] for i in self._index_to_kind)))
 
     def settle_(self, params: Sequence[torch.Tensor], *, prefix: str) -> list[int]:
         """Bring parameters written or moved from outside back to their homes.
@@ -79,9 +93,23 @@ class ParamStorage:
             The indices whose values may differ from what the optimizer last wrote (for master
             copies to re-read): written in place, or moved with other values.
 
+        The common case, nothing moved or written, costs one comparison of the parameters' data
+        pointers (and version counters with `track_writes`) with those of the last step.
+
         Raises:
             RuntimeError: a parameter changed shape, dtype or device type.
         """
+        ptrs = [p.data_ptr() for p in params]
+        versions = [p._version for p in params] if self.track_writes else None
+        if ptrs == self._ptrs and versions == self._versions:
+            return []
+        changed = self._settle_each_(params, prefix=prefix)
+        self._ptrs = [p.data_ptr() for p in params]
+        if self.track_writes:
+            self._versions = [p._version for p in params]
+        return changed
+
+    def _settle_each_(self, params: Sequence[torch.Tensor], *, prefix: str) -> list[int]:
         changed: list[int] = []
         for index, kind in self._index_to_kind.items():
             param = params[index]
@@ -90,7 +118,7 @@ class ParamStorage:
                 continue
             home = self._index_to_home[index]
             replaced = not at_home(param, home)
-            written = param._version != self._index_to_version.get(index)
+            written = self.track_writes and param._version != self._index_to_version.get(index)
             if not (replaced or written):
                 continue
             # A move (e.g. .to(cpu:0)) carries the same values: master copies stay as they are.
@@ -116,8 +144,8 @@ class ParamStorage:
         bucket.segments.read_(lo, hi, whole.narrow(0, lo, hi - lo))
         return whole
 
-    def finish_gather_(self, params: Sequence[torch.Tensor], bucket: Bucket, whole: torch.Tensor | None) -> None:
-        """Copy the gathered bucket `whole` out into the parameters (scratch), and note them as in step.
+    def finish_gather_(self, bucket: Bucket, whole: torch.Tensor | None) -> None:
+        """Copy the gathered bucket `whole` out into the parameters (scratch); call `in_step_` after all.
 
         `whole` is None after a gather straight into the parameters (`bucket.segments`).
         """
@@ -125,7 +153,6 @@ class ParamStorage:
             with torch.no_grad():
                 bucket.segments.write_(0, bucket.numel, whole)
             self._pool.give_back(whole)
-        self.remember_(params, bucket.param_indices)
 
     def extra_nbytes(self, params: Sequence[torch.Tensor]) -> int:
         """Return the bytes the parameters' own storage and the scratch buckets add (0 for views)."""
