@@ -89,10 +89,6 @@ class ParamPlacement:
     owner: int | None = None
     """Rank that owns the whole tensor (tensor layout); None when ranges cut through tensors (flat)."""
 
-    @property
-    def range_global(self) -> ShardRange:
-        return ShardRange(self.start_global, self.start_global + self.numel)
-
 
 @dataclass(frozen=True, slots=True)
 class LocalSlice:

@@ -61,8 +61,11 @@ class MasterShards:
     def has(self, bucket: int) -> bool:
         return bucket in self._bucket_to_shard
 
-    def shard(self, bucket: int) -> torch.Tensor:
-        return self._bucket_to_shard[bucket]
+    def drop_from_(self, first_bucket: int) -> None:
+        """Forget the master shards of buckets `first_bucket` and later (a placement rolled back)."""
+        for bucket in [b for b in self._bucket_to_shard if b >= first_bucket]:
+            del self._bucket_to_shard[bucket]
+            del self._bucket_to_pieces[bucket]
 
     def add_piece(self, piece: MasterPiece, target: torch.Tensor) -> torch.Tensor:
         """Tie `piece` to `target` (1-D, the model's dtype), copy its values in; return the master piece."""

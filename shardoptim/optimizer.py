@@ -446,11 +446,17 @@ class ShardedOptimizer(Stepping, Optimizer):
         super().add_param_group(groups[0])
         group_index = len(self.param_groups) - 1
         first_bucket = len(self._buckets)
+        placed = _Placed.snapshot(self)
+        failure: Exception | None = None
         try:
             local_group = self._place_params_(new_params, [group_index])[0]
             self.optim.add_param_group(local_group)
+        except Exception as err:
+            failure = err
+        try:
+            self._comm.raise_if_any_failed(failure, what="add_param_group")
         except Exception:
-            self.param_groups.pop()
+            placed.restore_(self)  # every rank: as it was before the call
             raise
         self._bind_(first_bucket=first_bucket)
         for key, value in self.optim.param_groups[-1].items():
@@ -644,6 +650,36 @@ class ShardedOptimizer(Stepping, Optimizer):
         Collective: call on every rank of the group, in the same order.
         """
         return self._grads.unscale_(inv_scale, found_inf, allow_fp16=allow_fp16)
+
+
+class _Placed:
+    """How many parameters, buckets, pieces, ... were placed: what `add_param_group` restores on failure."""
+
+    def __init__(self, counts: tuple[int, ...], tensor_loads: list[float], layout: Layout | None) -> None:
+        self.counts = counts
+        self.tensor_loads = tensor_loads
+        self.layout = layout
+
+    @staticmethod
+    def _lists(opt: ShardedOptimizer) -> tuple[list[Any], ...]:
+        return (opt.param_groups, opt._params, opt._buckets, opt._pieces, opt._buffers, opt._layouts, opt._norm_pieces)
+
+    @classmethod
+    def snapshot(cls, opt: ShardedOptimizer) -> _Placed:
+        # NOTE: taken after the new group was appended to param_groups, so restoring drops it too.
+        counts = tuple(len(lst) for lst in cls._lists(opt))
+        return cls((counts[0] - 1, *counts[1:]), list(opt._tensor_loads), getattr(opt, "_layout", None))
+
+    def restore_(self, opt: ShardedOptimizer) -> None:
+        for lst, count in zip(self._lists(opt), self.counts):
+            del lst[count:]
+        opt._tensor_loads[:] = self.tensor_loads
+        opt._masters.drop_from_(len(opt._buckets))
+        if self.layout is not None:
+            opt._layout = self.layout
+        local_groups = opt.optim.param_groups
+        if len(local_groups) > len(opt.param_groups):
+            del local_groups[len(opt.param_groups) :]
 
 
 def _class_default(optimizer_class: type[Optimizer], name: str) -> Any:

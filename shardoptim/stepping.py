@@ -128,10 +128,7 @@ class Stepping:
         with torch.no_grad():
             self._update_and_gather(has_grad, kwargs)
         flow_back_hparams_(self.optim.param_groups, self.param_groups, pushed)
-        self._has_state = True
-        self._num_steps += 1
-        if self.config.verify_every and self._num_steps % self.config.verify_every == 0:
-            self.verify_replicas()
+        self._count_step()
         return loss
 
     def _step_lbfgs(self, closure: Callable[[], float] | None) -> float:
@@ -146,7 +143,16 @@ class Stepping:
         self._sync_hparams()
         copy_hparams_(self.param_groups, self.optim.param_groups)
         self._has_state = True
-        return self.optim.step(closure)
+        loss = self.optim.step(closure)
+        self._count_step()
+        return loss
+
+    def _count_step(self) -> None:
+        """Count a step taken; every `verify_every` steps check the replicas (Collective then)."""
+        self._has_state = True
+        self._num_steps += 1
+        if self.config.verify_every and self._num_steps % self.config.verify_every == 0:
+            self.verify_replicas()
 
     if not TYPE_CHECKING:  # keeps mypy strict about the wrapper's own attributes
 
@@ -372,10 +378,7 @@ class Stepping:
         result, failure = self._run_base_step(kwargs)
         self._agree_on_step_(failure)
         flow_back_hparams_(self.optim.param_groups, self.param_groups, pushed)
-        self._has_state = True
-        self._num_steps += 1
-        if self.config.verify_every and self._num_steps % self.config.verify_every == 0:
-            self.verify_replicas()
+        self._count_step()
         return result if through else loss
 
     def _keep_master_in_state(self, bucket: Bucket) -> None:

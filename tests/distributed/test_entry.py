@@ -1,5 +1,7 @@
 """The entry check of the optimizer's rare collectives: fast failure on a lone call, no harm to what follows.
 
+Also add_param_group's agreement: a group rejected on one rank is rolled back on every rank.
+
 The torchrun test of the same mistake inside a DDP loop is tests/launch/test_handwritten_loop.py.
 """
 
@@ -90,3 +92,39 @@ def _check_full_state_dict_round_trip(rank: int, world_size: int) -> bool:
 
 def test_full_state_dict_on_the_target_only(ranks3: Any) -> None:
     assert ranks3.run(_check_full_state_dict_round_trip) == [True, True, True]
+
+
+class _PickyAdamW(torch.optim.AdamW):
+    """AdamW whose add_param_group fails on the last rank only (a rank-dependent rejection)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_reject", False):
+            raise ValueError("rejected on this rank")
+        super().add_param_group(param_group)
+
+
+def _check_add_param_group_rolls_back(rank: int, world_size: int) -> list[float]:
+    import shardoptim
+
+    shardoptim.register_elementwise(_PickyAdamW)
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((9, 7), (5,))]
+    extra = torch.nn.Parameter(torch.randn(11, generator=gen))
+    opt = ShardedOptimizer(params[:1], _PickyAdamW, lr=1e-2)
+    before = (len(opt.param_groups), len(opt.optim.param_groups), opt.rank_to_numel(), opt.memory_nbytes())
+    opt.optim._reject = rank == world_size - 1  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="rejected on this rank|add_param_group on rank"):
+        opt.add_param_group({"params": [params[1], extra], "lr": 3e-3})
+    after = (len(opt.param_groups), len(opt.optim.param_groups), opt.rank_to_numel(), opt.memory_nbytes())
+    assert after == before, (before, after)
+    opt.optim._reject = False  # type: ignore[attr-defined]
+    opt.add_param_group({"params": [params[1]], "lr": 3e-3})  # the same again, now accepted everywhere
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return [float(params[0].sum()), float(params[1].sum())]
+
+
+def test_add_param_group_failing_midway_leaves_the_optimizer_as_it_was(ranks2: Any) -> None:
+    results = ranks2.run(_check_add_param_group_rolls_back)
+    assert results[0] == results[1]

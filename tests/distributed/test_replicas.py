@@ -53,9 +53,10 @@ def test_verify_replicas_names_the_difference(ranks3: Any, what: str) -> None:
             assert "options differ across ranks" in message
 
 
-def _check_every_n(rank: int, world_size: int) -> int:
+def _check_every_n(rank: int, world_size: int, *, name: str) -> int:
     params = [torch.nn.Parameter(torch.ones(100))]
-    opt = ShardedOptimizer(params, torch.optim.SGD, lr=0.1, verify_every=2)
+    cls = getattr(torch.optim, name)
+    opt = ShardedOptimizer(params, cls, lr=0.1, verify_every=2)
     calls = 0
     real = opt.verify_replicas
 
@@ -65,11 +66,21 @@ def _check_every_n(rank: int, world_size: int) -> int:
         real()
 
     opt.verify_replicas = counting  # type: ignore[method-assign]
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (params[0] - 3.0).square().sum()
+        loss.backward()
+        return loss
+
     for _ in range(5):
-        params[0].grad = torch.ones(100)
-        opt.step()
+        if name == "LBFGS":
+            opt.step(closure)
+        else:
+            params[0].grad = torch.ones(100)
+            opt.step()
     return calls
 
 
-def test_verify_every(ranks2: Any) -> None:
-    assert ranks2.run(_check_every_n) == [2, 2]
+@pytest.mark.parametrize("name", ["SGD", "LBFGS"])
+def test_verify_every(ranks2: Any, name: str) -> None:
+    assert ranks2.run(_check_every_n, name=name) == [2, 2]
