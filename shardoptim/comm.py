@@ -47,6 +47,9 @@ _CALIBRATION_REPEATS = 3
 #: Waits outside torch.distributed (MPI, the shared-memory barrier) last at most this long when
 #: neither the Comm nor its process group says how long: torch's default group timeout.
 _DEFAULT_TIMEOUT_S = 1800.0
+#: Reductions (max/min) of CPU tensors up to this many bytes go through the shared staging when
+#: every rank is on one host: the per-step hyperparameter and flag agreement, mostly.
+_SMALL_SHM_NBYTES = 64 << 10
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
 
@@ -506,6 +509,10 @@ class Comm:
         """
         if self.world_size == 1:
             return
+        if op in ("max", "min") and self._small_through_shm(tensor):
+            if self._shared_staging().all_reduce_max_(tensor, what=what, negate=op == "min"):
+                return
+            self.gather_method = "broadcast"  # /dev/shm too small: same on every rank
         red = {
             "sum": dist.ReduceOp.SUM,
             "mean": dist.ReduceOp.SUM,
@@ -517,6 +524,18 @@ class Comm:
         self.wait_work(work, what)
         if op == "mean":
             tensor.div_(self.world_size)
+
+    def _small_through_shm(self, tensor: torch.Tensor) -> bool:
+        """Whether a small CPU reduction goes through the shared staging (every rank on one host).
+
+        The same answer on every rank for the same tensor sizes. Collective on first use (it
+        settles the gather method).
+        """
+        if tensor.device.type != "cpu" or tensor.numel() * tensor.element_size() > _SMALL_SHM_NBYTES:
+            return False
+        if not (dist.is_available() and self.backend == "gloo"):
+            return False
+        return self._resolve_gather_method() == "shm" and (self._mpi is None or self.mpi_gather is False)
 
     def all_gather(self, tensor: torch.Tensor, *, what: str) -> torch.Tensor:
         """Return a (world_size, *tensor.shape) tensor of every rank's `tensor`.

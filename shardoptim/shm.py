@@ -284,6 +284,31 @@ class SharedStaging:
             self._plans[key] = plan
         return plan
 
+    def all_reduce_max_(self, tensor: torch.Tensor, *, what: str, negate: bool = False) -> bool:
+        """Set the small CPU `tensor` to its elementwise max (min with `negate`) over the ranks.
+
+        One round: each rank writes its values into its slot of the next half, one barrier, each
+        rank reduces every slot in rank order. Exact (a max does not round), a few microseconds
+        where a gloo all-reduce costs a round trip per rank. Returns False (on every rank, having
+        done nothing) when the staging buffer cannot be mapped or the tensor does not fit.
+
+        Collective: call on every rank of the group, in the same order, with the same sizes.
+        `what` names the operation in errors.
+        """
+        what = f"{what} (shared memory)"
+        nbytes = _aligned(tensor.numel() * tensor.element_size())
+        if nbytes * self._world_size > self._half_nbytes or not self._ensure(what):
+            return False
+        slots = self._next_half()[: nbytes * self._world_size].view(self._world_size, nbytes)
+        flat = tensor.view(-1)
+        numel = flat.numel()
+        slots[self._rank].view(tensor.dtype)[:numel].copy_(flat)
+        self._barrier(what)
+        values = slots.view(tensor.dtype)[:, :numel] if nbytes else slots.view(tensor.dtype)
+        reduced = values.amin(dim=0) if negate else values.amax(dim=0)
+        flat.copy_(reduced)
+        return True
+
     def reduce_scatter_(
         self,
         bucket: torch.Tensor,

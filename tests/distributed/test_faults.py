@@ -294,9 +294,13 @@ def test_step_on_some_ranks_only_times_out(tmp_path: Path) -> None:
     _report("rank 0 skips opt.step() (ranks 1, 2 call it)", records)
     for rank, record in records.items():
         assert record["error"] == "RuntimeError", record
+        # One host: the agreement goes through the shared staging; elsewhere a gloo all-reduce.
         assert record["message"].startswith(
-            f"[rank {rank}/{WORLD_SIZE}] hyperparameter broadcast failed or timed out"
-        )
+            (
+                f"[rank {rank}/{WORLD_SIZE}] hyperparameter broadcast failed or timed out",
+                f"[rank {rank}/{WORLD_SIZE}] hyperparameter broadcast (shared memory): ranks [0] did not reach",
+            )
+        ), record["message"]
         assert record["seconds"] < PG_TIMEOUT_S + MARGIN_S, record
     assert max(record["seconds"] for record in records.values()) > PG_TIMEOUT_S / 2, (
         "detected before any timeout?"
