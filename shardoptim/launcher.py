@@ -11,6 +11,7 @@ This module must not import the rest of shardoptim.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -523,6 +524,26 @@ def _open_store(
         ) from exc
 
 
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """Return the CUDA device a process of node-local rank `local_rank` uses among `device_count` visible ones.
+
+    The rule: `local_rank` when that many devices are visible (torchrun, or mpirun/srun with every
+    GPU visible to every process); else `local_rank % device_count`, which is device 0 when each
+    process sees only its own GPU (Slurm `--gpus-per-task=1`, MPI wrappers that set
+    CUDA_VISIBLE_DEVICES per rank) and one of its own GPUs when it sees a few. Two processes that
+    end on the same physical GPU make NCCL fail at its first collective ("Duplicate GPU detected").
+
+    Raises:
+        ValueError: no CUDA device is visible.
+    """
+    if device_count < 1:
+        raise ValueError(
+            f"local rank {local_rank}: no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); give each process a GPU or use backend='gloo'"
+        )
+    return local_rank if local_rank < device_count else local_rank % device_count
+
+
 def _create_group(
     launch: LaunchEnv,
     backend: str,
@@ -534,16 +555,15 @@ def _create_group(
     store: Store | None = None,
     init_method: str | None = None,
 ) -> DistInfo:
+    extra: dict[str, Any] = {}
     if torch.cuda.is_available() and local_rank >= 0 and "nccl" in backend:
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(
-                f"[rank {rank}/{world_size}] local rank {local_rank} but only "
-                f"{torch.cuda.device_count()} CUDA devices are visible; start at most one process "
-                "per GPU on each node or use backend='gloo'"
-            )
-        torch.cuda.set_device(local_rank)
+        index = cuda_device_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        if "device_id" in inspect.signature(dist.init_process_group).parameters:
+            # NOTE: binds the NCCL communicator to this GPU at once (no guess at the first collective).
+            extra["device_id"] = torch.device("cuda", index)
     dist.init_process_group(
-        backend, init_method=init_method, store=store, rank=rank, world_size=world_size, timeout=timeout
+        backend, init_method=init_method, store=store, rank=rank, world_size=world_size, timeout=timeout, **extra
     )
     return DistInfo(
         rank=rank,
