@@ -135,19 +135,27 @@ def _move(
     to: int,
     what: str,
 ) -> None:
-    """Copy rank `src`'s state tensor `key` of parameter `index` into `out` on rank `to`."""
+    """Copy rank `src`'s state tensor `key` of parameter `index` into `out` on rank `to`.
+
+    The tensor travels on `comm.wire_device(parameter's device)`, the same on both ranks: the
+    parameter's own device when the group has a backend for it (CUDA state over NCCL), else the
+    group's device. The sender moves a state tensor living elsewhere there first (torch keeps
+    `step`, and NAdam's `mu_product`, as CPU scalars beside CUDA parameters without fused
+    kernels); the receiver receives there and copies into `out` (CPU).
+    """
     comm = opt._comm
+    wire = comm.wire_device(opt._params[index].device)
     if comm.rank == src == to:
         assert out is not None
         out.copy_(index_to_local[index][key].reshape(out.shape))
     elif comm.rank == src:
-        comm.send(index_to_local[index][key].contiguous(), dst=to, what=what)
+        comm.send(index_to_local[index][key].to(wire).contiguous(), dst=to, what=what)
     elif comm.rank == to:
         assert out is not None
-        if comm.device.type == "cpu":
+        if out.device == wire:
             comm.recv(out, src=src, what=what)
         else:
-            staging = torch.empty(out.shape, dtype=out.dtype, device=comm.device)
+            staging = torch.empty(out.shape, dtype=out.dtype, device=wire)
             comm.recv(staging, src=src, what=what)
             out.copy_(staging)
 
