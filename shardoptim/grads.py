@@ -342,7 +342,7 @@ class GradReducer:
         flags = [float(self._replica_stale)] + [float(b.shard_valid) for b in self._buckets]
         packed = torch.tensor(flags + [float(h) for h in self.has_grad], device=replicate.device)
         replicate.all_reduce_(packed, op="max", what="gradient flags across replicas")
-        agreed = packed.cpu().tolist()
+        agreed = replicate.to_host(packed).tolist()  # NOTE: one host read per step on an accelerator-only group
         self._replica_stale = False
         if not agreed[0]:
             return

@@ -209,26 +209,30 @@ class HparamSyncer:
         Collective: call on every rank of the group, in the same order (except with mode "off").
         """
         comm = self.comm
-        extra64 = None if extra is None else extra.detach().to("cpu", torch.float64).reshape(-1)
+        # NOTE: `extra` may live on the gradients' device (the inf/nan flag): it joins the probe
+        # there and comes back with its one host read, never read on its own.
+        extra64 = None if extra is None else extra.detach().to(torch.float64).reshape(-1)
         if comm.world_size == 1:
-            return None if extra64 is None else extra64.unsqueeze(0)
+            return None if extra64 is None else comm.to_host(extra64).unsqueeze(0)
         if self.mode == "off":
             if extra64 is None:
                 return None
-            flags = extra64.to(comm.device)
+            flags = _to_comm(extra64, comm) if extra64.device.type == "cpu" else extra64.to(comm.device)
             comm.all_reduce_(flags, op="max", what="step flags")
-            return flags.cpu().unsqueeze(0)
+            return comm.to_host(flags).unsqueeze(0)
         packed = pack_hparams(groups, capacity=self.capacity)[0]
         same, extras = self._all_equal(packed, extra64)
         if same and packed[0] != _OVERFLOW:  # all overflowing alike is not agreeing: grow below
             return extras
+        if extra64 is not None:
+            extra64 = comm.to_host(extra64)  # read only on a mismatch (the rare path below)
 
         def gather() -> tuple[torch.Tensor, list[Any]]:
             packed, entries = pack_hparams(groups, capacity=self.capacity)
             if extra64 is not None:
                 packed = torch.cat([packed, extra64])
             what = f"hyperparameter {self.mode}"
-            return comm.all_gather(packed.to(comm.device), what=what).cpu(), entries
+            return comm.to_host(comm.all_gather(_to_comm(packed, comm), what=what)), entries
 
         gathered, entries = gather()
         overflow = gathered[:, 0] == _OVERFLOW
@@ -265,13 +269,26 @@ class HparamSyncer:
         comm = self.comm
         # NOTE: NaN has no max; a NaN option compares as this sentinel (infinities stay themselves).
         key = torch.nan_to_num(packed, nan=_NAN_KEY, posinf=math.inf, neginf=-math.inf)
-        parts = [key, -key] + ([] if extra64 is None else [extra64])
-        probe = torch.cat(parts).to(comm.device)
+        probe = _to_comm(torch.cat([key, -key]), comm)
+        if extra64 is not None:
+            # a device flag meeting a CPU probe ("cpu:gloo,cuda:nccl") costs the step's one host read
+            extra = comm.to_host(extra64) if probe.device.type == "cpu" else extra64.to(probe.device)
+            probe = torch.cat([probe, extra])
         comm.all_reduce_(probe, op="max", what=f"hyperparameter {self.mode}")
-        probe = probe.cpu()
+        probe = comm.to_host(probe)
         n = key.numel()
         same = bool(torch.equal(probe[:n], -probe[n : 2 * n]))
         return same, None if extra64 is None else probe[2 * n :].unsqueeze(0)
+
+
+def _to_comm(host: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """Copy a small CPU vector to the group's device (from pinned memory, so the copy does not wait for the stream)."""
+    device = comm.device
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def sync_hparams_(groups: Sequence[dict[str, Any]], comm: Comm, *, mode: HparamSync) -> None:

@@ -131,12 +131,13 @@ class OwnedGrads:
         if self._reducer is None and not check_nonfinite:
             return None
         flags = list(self._reducer.has_grad) if self._reducer is not None else []
-        nonfinite = False
+        nonfinite = None
         if check_nonfinite:
             tensors = self._reducer.shards() if self._reducer is not None else self.owned()
-            nonfinite = gradnorm.local_nonfinite(tensors)
-        flags.append(nonfinite)
-        return torch.tensor(flags, dtype=torch.float64)
+            nonfinite = gradnorm.local_nonfinite(tensors)  # on the gradients' device: no host read here
+        if nonfinite is None:
+            return torch.tensor(flags + [0.0], dtype=torch.float64)
+        return torch.cat([torch.tensor(flags, dtype=torch.float64).to(nonfinite.device), nonfinite])
 
     def merge_flags(self, rank_to_flags: torch.Tensor | None) -> tuple[list[bool] | None, bool]:
         """Return (parameters with a gradient on any rank or None at stage 1, inf/nan on any rank)."""
