@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shardoptim.buffers import memory_perm, to_flat
 from shardoptim.bufpool import BufferPool
 from shardoptim.comm import Comm, PendingReduce
 
@@ -237,10 +238,11 @@ class GradReducer:
             bucket.full = self._pool.take(bucket.numel, bucket.dtype, bucket.device)
             bucket.written.clear()
         region = bucket.full.narrow(0, slot.start_global, slot.numel)
+        flat = to_flat(grad, memory_perm(param))  # the parameter's memory order, as its flat range
         if index in bucket.written:
-            region.add_(grad.reshape(-1))
+            region.add_(flat)
         else:
-            region.copy_(grad.reshape(-1))  # no zero-fill pass over the bucket
+            region.copy_(flat)  # no zero-fill pass over the bucket
             bucket.written.add(index)
         param.grad = None
         self.has_grad[index] = True  # also for a parameter unfrozen since its hook was due

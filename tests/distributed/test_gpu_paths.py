@@ -1,4 +1,4 @@
-"""What the GPU paths change that gloo ranks can show: fp16/bf16 means that cannot overflow.
+"""What the GPU paths change that gloo ranks can show: fp16/bf16 means that cannot overflow, memory formats.
 
 NCCL averages with ReduceOp.AVG; gloo has no AVG, so there the low-precision bucket is divided by
 the world size before the SUM, as DDP does. Old code summed first: 2 ranks x 40000 = 80000 is past
@@ -7,8 +7,12 @@ fp16's 65504, an inf, a skipped step and a halved loss scale.
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import torch
 
+from shardoptim import ShardedOptimizer, checkpoint
 from shardoptim.comm import Comm
 
 
@@ -34,3 +38,60 @@ def test_fp16_and_bf16_means_do_not_overflow(ranks2) -> None:  # type: ignore[no
     for rows in ranks2.run(_check_low_precision_means):
         for row in rows:
             assert all(torch.isfinite(torch.tensor(row))), rows
+
+
+def _conv_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3))
+    return model.to(memory_format=torch.channels_last)
+
+
+def _check_channels_last(rank: int, world_size: int, *, path: str) -> list[str]:
+    """channels_last weights keep their strides in both storage modes and stages; values match torch's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 9).to(memory_format=torch.channels_last)
+    seen = []
+    for stage in (1, 2):
+        for as_view in (False, True):
+            model = _conv_model()
+            ref = copy.deepcopy(model)
+            strides = [p.stride() for p in model.parameters()]
+            assert strides[0] == (36, 1, 12, 4), strides[0]
+            opt = ShardedOptimizer(
+                model.parameters(), torch.optim.AdamW, stage=stage, parameters_as_bucket_view=as_view, lr=1e-2
+            )
+            ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+            for _ in range(2):
+                model(x).square().mean().backward()
+                ref(x).square().mean().backward()
+                opt.step()
+                ref_opt.step()
+                opt.zero_grad()
+                ref_opt.zero_grad()
+            where = f"stage {stage}, bucket view {as_view}"
+            assert [p.stride() for p in model.parameters()] == strides, where
+            for p, q in zip(model.parameters(), ref.parameters()):
+                torch.testing.assert_close(p, q, msg=where)
+            opt.consolidate_state_dict(to=0)
+            if rank == 0:
+                state = opt.state_dict()["state"]
+                for i, q in enumerate(ref.parameters()):
+                    torch.testing.assert_close(state[i]["exp_avg"], ref_opt.state[q]["exp_avg"], msg=where)
+            seen.append(where)
+    # A checkpoint of the channels_last run loads into a row-major model with the same values.
+    checkpoint.save(path, opt, model=model)
+    plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    assert plain[0].weight.is_contiguous()
+    opt2 = ShardedOptimizer(plain.parameters(), torch.optim.AdamW, lr=1e-2)
+    checkpoint.load(path, opt2, model=plain)
+    opt2.consolidate_state_dict(to=0)
+    if rank == 0:
+        state = opt2.state_dict()["state"]
+        for i, q in enumerate(ref.parameters()):
+            torch.testing.assert_close(state[i]["exp_avg"], ref_opt.state[q]["exp_avg"], msg="checkpoint")
+    return seen
+
+
+def test_channels_last_parameters_keep_their_strides(ranks2, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    assert all(len(seen) == 4 for seen in ranks2.run(_check_channels_last, path=str(tmp_path / "ckpt")))
+
