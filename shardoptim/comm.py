@@ -58,16 +58,22 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 class PendingGather:
     """Handles of the async collectives that fill one bucket; `wait()` blocks until they finish."""
 
-    def __init__(self, comm: Comm, works: Sequence[dist.Work], what: str) -> None:
+    def __init__(
+        self, comm: Comm, works: Sequence[dist.Work], what: str, finish: Callable[[], None] | None = None
+    ) -> None:
         self._comm = comm
         self._works = list(works)
         self._what = what
+        self._finish = finish
 
     def wait(self) -> None:
         """Wait for every handle, raising a RuntimeError that names the operation on failure."""
         for work in self._works:
             self._comm.wait_work(work, self._what)
         self._works.clear()
+        finish, self._finish = self._finish, None
+        if finish is not None:  # the padded transport: copy the ranks' ranges out into the bucket
+            finish()
 
 
 class PendingReduce:
@@ -138,6 +144,27 @@ def _warn_if_launched_unsharded() -> None:
         "shardoptim.init_distributed() (or torch.distributed.init_process_group) before building it",
         stacklevel=stacklevel,
     )
+
+
+#: The padded transports of uneven ranges (whole-tensor layouts) send world_size x the largest
+#: range; above this multiple of the bucket itself they fall back to one call per owner.
+_MAX_PADDED_RATIO = 2.0
+
+
+def _pads_cheaply(sizes: Sequence[int]) -> bool:
+    """Whether padding every range of `sizes` to the largest costs at most _MAX_PADDED_RATIO x their sum."""
+    total = sum(sizes)
+    return total > 0 and len(sizes) * max(sizes) <= _MAX_PADDED_RATIO * total
+
+
+def _padded_rows(
+    padded: torch.Tensor, bucket: torch.Tensor, bounds: Sequence[int], width: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Return, per rank, its row of `padded` (the first `size` elements of it) and its range of `bucket`."""
+    sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+    rows = [padded.narrow(0, r * width, numel) for r, numel in enumerate(sizes)]
+    parts = [bucket.narrow(0, lo, numel) for lo, numel in zip(bounds, sizes)]
+    return rows, parts
 
 
 def _group_device_types(group: dist.ProcessGroup | None, backend: str) -> tuple[str, ...]:
@@ -431,6 +458,20 @@ class Comm:
             work = _all_gather_single(bucket, mine, group=self.group, async_op=True)
             assert work is not None
             works.append(work)
+        elif method == "all_gather" and _pads_cheaply(sizes):
+            # Uneven ranges (whole-tensor layouts): every range padded to the largest, one call.
+            width = max(sizes)
+            padded = torch.empty(self.world_size * width, dtype=bucket.dtype, device=bucket.device)
+            rows, parts = _padded_rows(padded, bucket, bounds, width)
+            rows[self.rank].copy_(parts[self.rank])
+            work = _all_gather_single(padded, padded.narrow(0, self.rank * width, width), group=self.group, async_op=True)
+            assert work is not None
+            others = [r for r in range(self.world_size) if r != self.rank and sizes[r]]
+
+            def unpad() -> None:
+                torch._foreach_copy_([parts[r] for r in others], [rows[r] for r in others])
+
+            return PendingGather(self, [work], what, finish=unpad if others else None)
         else:
             for rank, numel in enumerate(sizes):
                 if numel == 0:
@@ -549,6 +590,16 @@ class Comm:
             # a fresh result per launch: several of these may be in flight at once
             total = torch.empty(end - start, dtype=bucket.dtype, device=bucket.device)
             works.append(_reduce_scatter_single(total, bucket, op=op, group=self.group, async_op=True))
+        elif method == "all_gather" and _pads_cheaply(sizes):
+            # Uneven ranges (whole-tensor layouts): every range padded to the largest, one call.
+            width = max(sizes)
+            padded = torch.zeros(self.world_size * width, dtype=bucket.dtype, device=bucket.device)
+            rows, parts = _padded_rows(padded, bucket, bounds, width)
+            filled = [r for r in range(self.world_size) if sizes[r]]
+            torch._foreach_copy_([rows[r] for r in filled], [parts[r] for r in filled])
+            result = torch.empty(width, dtype=bucket.dtype, device=bucket.device)
+            works.append(_reduce_scatter_single(result, padded, op=op, group=self.group, async_op=True))
+            total = result.narrow(0, 0, end - start)
         else:
             # Uneven ranges (whole-tensor layouts): one reduce per owner, into its own range.
             for rank, numel in enumerate(sizes):

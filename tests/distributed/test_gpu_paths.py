@@ -95,3 +95,64 @@ def _check_channels_last(rank: int, world_size: int, *, path: str) -> list[str]:
 def test_channels_last_parameters_keep_their_strides(ranks2, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert all(len(seen) == 4 for seen in ranks2.run(_check_channels_last, path=str(tmp_path / "ckpt")))
 
+
+def _check_uneven_ranges_one_call(rank: int, world_size: int) -> dict[str, int]:
+    """Uneven ranges (whole-tensor layouts) on the all_gather method (NCCL's): one collective per bucket."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from shardoptim import comm as comm_module
+
+    calls = {"per_owner": 0, "one": 0}
+
+    def counting(name: str, fn: object) -> object:
+        def wrapper(*args: object, **kwargs: object) -> object:
+            calls[name] += 1
+            return fn(*args, **kwargs)  # type: ignore[operator]
+
+        return wrapper
+
+    comm = Comm()
+    comm.gather_method, comm.mpi_gather, comm.mpi_reduce = "all_gather", False, False
+    bounds = [0, 3, 7] if world_size == 2 else [0, 3, 7, 9]
+    with (
+        mock.patch.object(dist, "broadcast", counting("per_owner", dist.broadcast)),
+        mock.patch.object(dist, "reduce", counting("per_owner", dist.reduce)),
+        mock.patch.object(comm_module, "_all_gather_single", counting("one", comm_module._all_gather_single)),
+        mock.patch.object(comm_module, "_reduce_scatter_single", counting("one", comm_module._reduce_scatter_single)),
+    ):
+        bucket = torch.zeros(bounds[-1])
+        bucket[bounds[rank] : bounds[rank + 1]] = rank + 1.0
+        comm.gather_bucket_async(bucket, bounds, what="test").wait()
+        expected = torch.cat([torch.full((hi - lo,), r + 1.0) for r, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
+        assert torch.equal(bucket, expected), bucket
+        out = torch.zeros(bounds[rank + 1] - bounds[rank])
+        grads = torch.arange(float(bounds[-1])) * (rank + 1)
+        comm.reduce_scatter_mean_async(grads, bounds, out, accumulate=False, what="test").wait()
+        mean = torch.arange(float(bounds[-1])) * (world_size + 1) / 2
+        torch.testing.assert_close(out, mean[bounds[rank] : bounds[rank + 1]])
+    # A whole-tensor class end to end on that path (stage 2: both transports), against torch's.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 5))
+    ref = copy.deepcopy(model)
+    opt = ShardedOptimizer(model.parameters(), torch.optim.Adafactor, stage=2, lr=1e-2)
+    opt._comm.gather_method, opt._comm.mpi_gather, opt._comm.mpi_reduce = "all_gather", False, False
+    ref_opt = torch.optim.Adafactor(ref.parameters(), lr=1e-2)
+    x = torch.randn(4, 8)
+    for _ in range(2):
+        model(x).square().mean().backward()
+        ref(x).square().mean().backward()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
+    return calls
+
+
+def test_uneven_ranges_cost_one_collective(ranks2) -> None:  # type: ignore[no-untyped-def]
+    """Old: one broadcast per owner to gather, one reduce per owner to reduce-scatter (N calls each)."""
+    for calls in ranks2.run(_check_uneven_ranges_one_call):
+        assert calls == {"per_owner": 0, "one": 2}, calls
