@@ -143,6 +143,9 @@ class DistInfo:
 
 _INFO: DistInfo | None = None
 
+#: The default backend with CUDA: NCCL for CUDA tensors and gloo beside it for CPU ones (see init_distributed).
+_CUDA_DEFAULT_BACKEND = "cpu:gloo,cuda:nccl"
+
 
 def init_distributed(
     *,
@@ -160,7 +163,9 @@ def init_distributed(
     collectives work. With CUDA available the current device is set from the local rank.
 
     Args:
-        backend: process group backend; default "nccl" if CUDA is available, else "gloo".
+        backend: process group backend; default "cpu:gloo,cuda:nccl" if CUDA is available (CUDA
+            tensors over NCCL, the optimizer's small per-step flags and hyperparameters over gloo
+            on the CPU, so `step()` makes no host-device sync), else "gloo".
         timeout: limit for the rendezvous and for every collective of the group.
         environ: variables to read instead of `os.environ` (env:// still reads `MASTER_ADDR` and
             `MASTER_PORT` from `os.environ`, so they must agree).
@@ -178,7 +183,7 @@ def init_distributed(
         return _describe_existing(backend, environ)
     env = os.environ if environ is None else environ
     launch = LaunchEnv.from_environ(env)
-    chosen = backend if backend is not None else ("nccl" if torch.cuda.is_available() else "gloo")
+    chosen = backend if backend is not None else (_CUDA_DEFAULT_BACKEND if torch.cuda.is_available() else "gloo")
     if launch.launcher in ("torchrun", "env"):
         info = _init_env(launch, env, chosen, timeout)
     elif launch.launcher == "mpi":

@@ -394,3 +394,25 @@ def test_gpu_binding_per_task(
     assert info.local_rank == local_rank
     with pytest.raises(ValueError, match="no CUDA device is visible"):
         launcher.cuda_device_index(0, 0)
+
+
+def test_default_backend_with_cuda_has_a_cpu_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA, init_distributed's default is "cpu:gloo,cuda:nccl" (old: "nccl" alone, so every small
+    per-step collective ran on the GPU and was read back: a host-device sync per step)."""
+    import torch
+
+    from shardoptim import launcher
+
+    chosen: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launcher.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(launcher, "_open_store", lambda *a, **k: None)
+    monkeypatch.setattr(launcher, "_INFO", None)  # restored afterwards
+
+    def create_group(launch: LaunchEnv, backend: str, *args: object, **kwargs: object) -> launcher.DistInfo:
+        chosen.append(backend)
+        return launcher.DistInfo(rank=1, world_size=1, local_rank=0, backend=backend, launcher="single")
+
+    monkeypatch.setattr(launcher, "_create_group", create_group)
+    init_distributed(environ={})
+    assert chosen == ["cpu:gloo,cuda:nccl"]
