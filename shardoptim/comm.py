@@ -580,6 +580,9 @@ class Comm:
                 return PendingReduce(self, [], total=total, out=out, accumulate=accumulate, what=what)
         if method == "shm" and bucket.device.type == "cpu":
             scale = 1.0 / self.world_size
+            if out.dtype in (torch.float16, torch.bfloat16):  # sums in out's dtype: divide first
+                bucket.div_(self.world_size)
+                scale = 1.0
             staging = self._shared_staging()
             if staging.reduce_scatter_(bucket, bounds, out, accumulate=accumulate, scale=scale):
                 return PendingReduce(self, [], total=None, out=out, accumulate=accumulate, what=what)

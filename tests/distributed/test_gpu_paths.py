@@ -1,7 +1,8 @@
 """What the GPU paths change that gloo ranks can show: fp16/bf16 means that cannot overflow, memory formats.
 
 NCCL averages with ReduceOp.AVG; gloo has no AVG, so there the low-precision bucket is divided by
-the world size before the SUM, as DDP does. Old code summed first: 2 ranks x 40000 = 80000 is past
+the world size before the SUM, as DDP does (and before the shared-memory path, which sums in the
+output's dtype). Old code summed first: 2 ranks x 40000 = 80000 is past
 fp16's 65504, an inf, a skipped step and a halved loss scale.
 """
 
@@ -17,9 +18,17 @@ from shardoptim.comm import Comm
 
 
 def _check_low_precision_means(rank: int, world_size: int) -> list[list[float]]:
-    comm = Comm()
-    comm.gather_method, comm.mpi_reduce = "broadcast", False  # the torch.distributed path, not shared memory
     results = []
+    for method in ("broadcast", "shm"):  # the torch.distributed path, the shared-memory one
+        comm = Comm()
+        comm.gather_method, comm.mpi_reduce = method, False
+        results += _means(comm)
+    return results
+
+
+def _means(comm: Comm) -> list[list[float]]:
+    results = []
+    rank = comm.rank
     for dtype in (torch.float16, torch.bfloat16):
         value = 40000.0 if dtype == torch.float16 else 3e38
         for bounds in ([0, 8, 16], [0, 5, 16]):  # even ranges (one reduce-scatter), uneven (reduces)
@@ -37,7 +46,7 @@ def _check_low_precision_means(rank: int, world_size: int) -> list[list[float]]:
 def test_fp16_and_bf16_means_do_not_overflow(ranks2) -> None:  # type: ignore[no-untyped-def]
     for rows in ranks2.run(_check_low_precision_means):
         for row in rows:
-            assert all(torch.isfinite(torch.tensor(row))), rows
+            assert all(torch.isfinite(torch.tensor(row))) and min(row) > 1e4, rows  # the mean: the value itself
 
 
 def _conv_model() -> torch.nn.Module:
