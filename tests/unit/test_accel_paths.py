@@ -88,6 +88,19 @@ _CASES: list[tuple[dict[str, Any], bool]] = [
 ]
 
 
+class _ThirdPartySGD(torch.optim.SGD):
+    """A class outside torch.optim: its step's success is agreed on every step (a flag all-reduce)."""
+
+
+@pytest.mark.parametrize("fake_group", ["meta:fake", "cpu:fake,meta:fake"], indirect=True)
+def test_third_party_class_reads(fake_group: str) -> None:
+    """The one place left with two host reads per step on an accelerator-only group; none with a CPU backend."""
+    params = _params()
+    opt = ShardedOptimizer(params, _ThirdPartySGD, lr=0.1)
+    reads = _two_steps(opt, params, stage=1, clip=False)
+    assert reads == (0 if fake_group.startswith("cpu") else 2), reads
+
+
 @pytest.mark.parametrize("fake_group", ["meta:fake", "cpu:fake,meta:fake"], indirect=True)
 def test_meta_parameters_construct_and_step(fake_group: str) -> None:
     """World size 4, meta parameters: construction and steps read no meta tensor on the host.
