@@ -746,6 +746,8 @@ class Comm:
         flag = torch.tensor([0.0 if failure is None else 1.0], device=self.device)
         self.all_reduce_(flag, op="max", what=what)
         if not bool(self.to_host(flag).item()):
+            if failure is not None:  # a flag without values (meta, see to_host): no one else knows
+                raise failure
             return
         mine = None if failure is None else f"{type(failure).__name__}: {failure}"
         messages = self.all_gather_object(mine, what=what)

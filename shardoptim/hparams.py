@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -78,9 +79,35 @@ def _schema(groups: Sequence[Mapping[str, Any]]) -> list[_Entry]:
     return entries
 
 
+#: The attribute under which a device tensor option keeps its host values: (version counter, values).
+_HOST_ATTR = "_shardoptim_host_values"
+
+
+def _host_values(tensor: torch.Tensor) -> list[float]:
+    """Return a tensor option's values as floats, reading a device tensor once per in-place change.
+
+    A CPU tensor is read every time (no sync). A device tensor (a CUDA lr) is read when its
+    version counter moved since the last read (a host-device sync), else the values cached on
+    the tensor are returned: the per-step hyperparameter sync does not sync the device.
+    """
+    if tensor.device.type == "cpu":
+        return [float(v) for v in tensor.detach().reshape(-1).tolist()]
+    cached = getattr(tensor, _HOST_ATTR, None)
+    if cached is not None and cached[0] == tensor._version:
+        return list(cached[1])
+    values = _read_device(tensor)
+    setattr(tensor, _HOST_ATTR, (tensor._version, values))
+    return list(values)
+
+
+def _read_device(tensor: torch.Tensor) -> list[float]:
+    """Read a device tensor's values on the host (a host-device sync)."""
+    return [float(v) for v in tensor.detach().reshape(-1).tolist()]
+
+
 def _values(value: object) -> list[float]:
     if isinstance(value, torch.Tensor):
-        return [float(v) for v in value.detach().reshape(-1).tolist()]
+        return _host_values(value)
     if isinstance(value, (tuple, list)):
         return [float(v) for v in value]
     assert isinstance(value, (bool, int, float))
@@ -129,6 +156,14 @@ def _restore(old: object, kind: str, values: list[float]) -> object:
         return values[0]
     if kind == "tensor":
         assert isinstance(old, torch.Tensor)
+        if old.device.type != "cpu":  # compared on the host, with the cached values: no sync
+            held = torch.tensor(values, dtype=old.dtype)
+            rounded = [float(v) for v in held.tolist()]
+            if _host_values(old) != rounded:
+                with torch.no_grad():
+                    old.copy_(held.reshape(old.shape))
+                setattr(old, _HOST_ATTR, (old._version, rounded))
+            return old
         new = torch.tensor(values, dtype=old.dtype, device=old.device).reshape(old.shape)
         if not torch.equal(new, old):
             with torch.no_grad():
@@ -217,7 +252,10 @@ class HparamSyncer:
         if self.mode == "off":
             if extra64 is None:
                 return None
-            flags = _to_comm(extra64, comm) if extra64.device.type == "cpu" else extra64.to(comm.device)
+            if extra64.device.type == "cpu":
+                flags = _to_comm(extra64, comm)
+            else:  # a device flag on a CPU group: its one host read
+                flags = comm.to_host(extra64) if comm.device.type == "cpu" else extra64.to(comm.device)
             comm.all_reduce_(flags, op="max", what="step flags")
             return comm.to_host(flags).unsqueeze(0)
         packed = pack_hparams(groups, capacity=self.capacity)[0]
@@ -309,17 +347,36 @@ def copy_hparams_(src: Sequence[Mapping[str, Any]], dst: Sequence[dict[str, Any]
                 d[key] = value
 
 
+@dataclass(frozen=True)
+class _TensorMark:
+    """A device tensor option in a snapshot: the object and its version counter (no copy, no read)."""
+
+    tensor: torch.Tensor
+    version: int
+
+
+def _snapshot_value(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.device.type != "cpu":
+        return _TensorMark(value, value._version)
+    return value.detach().clone()
+
+
 def snapshot_hparams(groups: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Return a copy of every option of `groups` (tensors cloned), to compare with after a step."""
-    return [
-        {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in g.items() if k not in STRUCTURE_KEYS}
-        for g in groups
-    ]
+    """Return a copy of every option of `groups` (CPU tensors cloned), to compare with after a step.
+
+    A device tensor is marked with its version counter instead: comparing a clone would read it
+    back (a host-device sync) after every step. It counts as written when replaced or written in place.
+    """
+    return [{k: _snapshot_value(v) for k, v in g.items() if k not in STRUCTURE_KEYS} for g in groups]
 
 
 def _differs(before: Any, after: Any) -> bool:
     if before is after:
         return False
+    if isinstance(before, _TensorMark):
+        return not (after is before.tensor and after._version == before.version)
     if isinstance(before, torch.Tensor) or isinstance(after, torch.Tensor):
         return not (
             isinstance(before, torch.Tensor)

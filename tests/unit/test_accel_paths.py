@@ -85,6 +85,7 @@ _CASES: list[tuple[dict[str, Any], bool]] = [
     ({"stage": 2}, False),
     ({"stage": 2}, True),
     ({"stage": 2, "skip_nonfinite": True}, True),
+    ({"skip_nonfinite": True, "hparam_sync": "off"}, False),
 ]
 
 
@@ -182,3 +183,37 @@ def test_consolidation_sends_and_receives_on_one_device(fake_group: str) -> None
             with pytest.raises(_Stop):
                 _move(opt, torch.empty(32), index_to_local, 0, key, src=1, to=0, what=key)  # type: ignore[arg-type]
     assert received == [torch.device("meta")] * 2, received
+
+
+@pytest.mark.parametrize("fake_group", ["meta:fake", "cpu:fake,meta:fake"], indirect=True)
+def test_device_tensor_options_are_read_once_per_change(fake_group: str) -> None:
+    """A tensor-valued option on the device (a CUDA lr) is read back only after it changed (old: every step).
+
+    Reads go through hparams._read_device (patched: a meta tensor has no values); the per-step sync,
+    the snapshot before the base step and the flow-back after it read nothing while its version
+    counter stays put.
+    """
+    from shardoptim import hparams
+
+    lr = torch.tensor(0.1, device="meta")
+    groups = [{"params": [], "lr": lr, "momentum": 0.9}]
+    reads: list[int] = []
+
+    def read(tensor: torch.Tensor) -> list[float]:
+        reads.append(tensor._version)
+        return [0.1]
+
+    syncer = hparams.HparamSyncer(Comm(), "broadcast")
+    with mock.patch.object(hparams, "_read_device", read):
+        for _ in range(3):
+            syncer.sync_(groups)
+            before = hparams.snapshot_hparams(groups)
+            assert hparams.flow_back_hparams_(groups, [dict(groups[0])], before) == []
+        assert len(reads) == 1, reads
+        lr.mul_(0.5)  # a scheduler writing in place: read again, once
+        before = hparams.snapshot_hparams(groups)
+        lr.mul_(1.0)
+        assert hparams.flow_back_hparams_(groups, [dict(groups[0])], before) == [(0, "lr")]
+        for _ in range(2):
+            syncer.sync_(groups)
+        assert len(reads) == 2, reads
