@@ -772,13 +772,17 @@ class Comm:
         return out
 
     def send(self, tensor: torch.Tensor, *, dst: int, what: str) -> None:
-        """Send `tensor` to rank `dst` of the group (point to point; pair with `recv` there)."""
+        """Send `tensor` to rank `dst` of the group (point to point; pair with `recv` there).
+
+        The wait blocks the host on NCCL too (consolidation is not on the step's path), so a peer that
+        died or skipped the call raises here, naming `what`, instead of waiting for NCCL's watchdog.
+        """
         work = dist.isend(tensor, dst=self.global_rank(dst), group=self.group)
         assert work is not None
-        self.wait_work(work, what)
+        self.wait_work(work, what, host=True)
 
     def recv(self, tensor: torch.Tensor, *, src: int, what: str) -> None:
-        """Receive into `tensor` from rank `src` of the group (pair with `send` there)."""
+        """Receive into `tensor` from rank `src` of the group (pair with `send` there; host wait, as `send`)."""
         work = dist.irecv(tensor, src=self.global_rank(src), group=self.group)
         assert work is not None
-        self.wait_work(work, what)
+        self.wait_work(work, what, host=True)

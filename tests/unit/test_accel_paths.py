@@ -140,10 +140,16 @@ def test_barrier_blocks_the_host_on_an_accelerator_group(fake_group: str) -> Non
     """Every wait of Comm.barrier blocks the host (old: stream-only waits on NCCL), then reads the flags."""
     comm = Comm()
     log: list[str] = []
-    with mock.patch.object(dist, "broadcast", lambda *a, **k: _StreamWork(log)):
+    with (
+        mock.patch.object(dist, "broadcast", lambda *a, **k: _StreamWork(log)),
+        mock.patch.object(dist, "isend", lambda *a, **k: _StreamWork(log)),
+        mock.patch.object(dist, "irecv", lambda *a, **k: _StreamWork(log)),
+    ):
         comm.barrier(what="test barrier")
         comm.wait_work(_StreamWork(log), "a step's gather")  # the step's waits stay stream waits
-    assert log == ["host"] * comm.world_size + ["stream"], log
+        comm.send(torch.empty(1, device="meta"), dst=0, what="consolidation")  # a dead peer raises here
+        comm.recv(torch.empty(1, device="meta"), src=0, what="consolidation")
+    assert log == ["host"] * comm.world_size + ["stream", "host", "host"], log
     assert comm.num_host_reads == 1
 
 
