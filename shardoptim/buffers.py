@@ -10,6 +10,11 @@ Two kinds, chosen by `full`:
   (`segments`): a shared-memory gather reads and writes them in place; other gathers go through
   a whole-bucket scratch buffer (`ParamStorage.gather_target`).
 
+A parameter keeps its memory format (channels_last, or any other dense permuted layout): its
+flat range in a bucket (its home's flat view) holds its elements in memory order, not in the
+logical row-major order, and everything that maps a flat range to a tensor (gradients, state
+slices, checkpoints) goes through `to_flat` / `from_flat` with the parameter's `memory_perm`.
+
 Must not import torch.distributed.
 """
 
@@ -21,6 +26,38 @@ import torch
 
 from shardoptim.layout import Layout, LocalSlice
 from shardoptim.segments import Segments
+
+#: The order of a tensor's dimensions in memory, outermost first; None for row-major (contiguous).
+MemoryPerm = tuple[int, ...] | None
+
+
+def memory_perm(tensor: torch.Tensor) -> MemoryPerm:
+    """Return the dimension order in which `tensor`'s elements lie in memory, outermost first.
+
+    None when `tensor` is contiguous (row-major), or when it is not a permutation of a dense
+    layout (overlapping or with gaps: such a parameter gets a row-major home). channels_last
+    NCHW gives (0, 2, 3, 1).
+    """
+    if tensor.dim() < 2 or tensor.is_contiguous():
+        return None
+    strides = tensor.stride()
+    perm = tuple(sorted(range(tensor.dim()), key=lambda d: (-strides[d], d)))
+    return perm if tensor.permute(perm).is_contiguous() else None
+
+
+def to_flat(tensor: torch.Tensor, perm: MemoryPerm) -> torch.Tensor:
+    """Return `tensor`'s elements as 1-D, in the memory order `perm` (a view when laid out so, else a copy)."""
+    return tensor.reshape(-1) if perm is None else tensor.permute(perm).reshape(-1)
+
+
+def from_flat(flat: torch.Tensor, shape: Sequence[int], perm: MemoryPerm) -> torch.Tensor:
+    """Return a view of 1-D `flat` (elements in memory order `perm`) as a tensor of `shape` laid out so."""
+    if perm is None:
+        return flat.view(tuple(shape))
+    inverse = [0] * len(perm)
+    for position, dim in enumerate(perm):
+        inverse[dim] = position
+    return flat.view([shape[d] for d in perm]).permute(inverse)
 
 
 class FlatBuffers:
@@ -54,13 +91,15 @@ class FlatBuffers:
                 for placement in bucket.placements:
                     param = params[placement.index]
                     index = offset + placement.index
+                    perm = memory_perm(param)
                     if buffer is not None:
                         view = buffer.narrow(0, placement.start_global, placement.numel)
-                        view.copy_(param.detach().reshape(-1))
-                        self._index_to_home[index] = view.view(param.shape)
+                        view.copy_(to_flat(param.detach(), perm))
+                        self._index_to_home[index] = from_flat(view, param.shape, perm)
                     else:
-                        # NOTE: a non-contiguous parameter (rare) gets a contiguous home at bind time.
-                        self._index_to_home[index] = param.detach().contiguous()
+                        # NOTE: a parameter neither contiguous nor dense-permuted (rare) gets a contiguous home.
+                        detached = param.detach()
+                        self._index_to_home[index] = detached if perm is not None else detached.contiguous()
         self._offset = offset
 
     def indices(self) -> list[int]:
@@ -78,16 +117,23 @@ class FlatBuffers:
             return Segments.whole(buffer)
         bucket = self.layout.buckets[b]
         parts = [
-            (p.start_global, self._index_to_home[self._offset + p.index].view(-1))
+            (p.start_global, self._flat_home(self._offset + p.index))
             for p in sorted(bucket.placements, key=lambda p: p.start_global)
         ]
         return Segments(parts, bucket.padded_numel)
 
     def local_view(self, piece: LocalSlice, *, shape: torch.Size | None = None) -> torch.Tensor:
         """Return the owned piece of a parameter as a view of its bucket or home (1-D, or `shape` if given)."""
-        home = self._index_to_home[self._offset + piece.index].view(-1)
-        view = home.narrow(0, piece.in_param.start, piece.in_param.numel)
-        return view if shape is None else view.view(shape)
+        home = self._index_to_home[self._offset + piece.index]
+        view = to_flat(home, memory_perm(home)).narrow(0, piece.in_param.start, piece.in_param.numel)
+        if shape is None:
+            return view
+        return from_flat(view, shape, memory_perm(home))
+
+    def _flat_home(self, index: int) -> torch.Tensor:
+        """Return parameter `index`'s home as a 1-D view in memory order."""
+        home = self._index_to_home[index]
+        return to_flat(home, memory_perm(home))
 
     def bind_params_(self, params: Sequence[torch.Tensor]) -> None:
         """Point every parameter's storage at its home (values are already there).

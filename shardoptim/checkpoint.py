@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from shardoptim.buffers import from_flat, memory_perm, to_flat
 from shardoptim.state_dict import load_pieces
 
 if TYPE_CHECKING:
@@ -193,6 +194,9 @@ def _save(
         "replicas": optimizer.num_replicas,
         "names": names,
         "shapes": [tuple(p.shape) for p in optimizer._params],
+        # Flat chunks hold a parameter's elements in its memory order (channels_last, ...): the
+        # order per parameter name, absent for row-major ones (and in older checkpoints).
+        "memory_orders": _memory_orders(optimizer, names),
         "param_groups": groups,
         "chunks": merged,
     }
@@ -400,6 +404,21 @@ def _first_difference(
     return "the parameter counts differ"
 
 
+def _memory_orders(optimizer: ShardedOptimizer, names: list[str]) -> dict[str, list[int]]:
+    """Return parameter name -> memory order for the parameters that are not row-major."""
+    orders = {}
+    for name, param in zip(names, optimizer._params):
+        perm = memory_perm(param)
+        if perm is not None:
+            orders[name] = list(perm)
+    return orders
+
+
+def _saved_order(meta: Mapping[str, Any], name: str) -> tuple[int, ...] | None:
+    order = meta.get("memory_orders", {}).get(name)
+    return None if order is None else tuple(order)
+
+
 def _read_pieces(
     optimizer: ShardedOptimizer,
     where: Path,
@@ -409,14 +428,22 @@ def _read_pieces(
 ) -> dict[int, dict[str, Any]]:
     """Assemble this rank's piece of every saved state entry from the overlapping chunks."""
     flat = optimizer.sharding == "flat"
+    # A parameter laid out otherwise than when saved (channels_last then, row-major now, ...)
+    # reads every chunk: its piece is not one range of the saved order.
+    index_to_reorder = {
+        piece.index: (_saved_order(meta, names[piece.index]), memory_perm(optimizer._params[piece.index]))
+        for piece in optimizer._pieces
+    }
     wanted: dict[str, TensorStorageMetadata] = {}
     for piece in optimizer._pieces:
+        saved_order, order = index_to_reorder[piece.index]
         for key, spec in meta["chunks"].get(names[piece.index], {}).items():
             if spec == "whole":
                 wanted[_state_key(names[piece.index], key)] = tensors[_state_key(names[piece.index], key)]
             elif isinstance(spec, list):
                 for start, numel in spec:
-                    if start < piece.in_param.end and piece.in_param.start < start + numel:
+                    overlaps = start < piece.in_param.end and piece.in_param.start < start + numel
+                    if overlaps or saved_order != order:
                         chunk_key = _state_key(names[piece.index], key, start)
                         wanted[chunk_key] = tensors[chunk_key]
     loaded = _read(where, wanted)
@@ -425,11 +452,18 @@ def _read_pieces(
         name = names[piece.index]
         values: dict[str, Any] = {}
         for key, spec in meta["chunks"].get(name, {}).items():
+            saved_order, order = index_to_reorder[piece.index]
             if spec == "whole":
                 value = loaded[_state_key(name, key)]
                 if flat and value.dim() > 0:
-                    value = value.reshape(-1).narrow(0, piece.in_param.start, piece.in_param.numel).clone()
+                    perm = order if order is not None and value.dim() == len(order) else None
+                    value = to_flat(value, perm).narrow(0, piece.in_param.start, piece.in_param.numel).clone()
                 values[key] = value
+            elif isinstance(spec, list) and saved_order != order:
+                full = torch.cat([loaded[_state_key(name, key, start)] for start, _ in sorted(spec)])
+                shape = optimizer._params[piece.index].shape
+                reordered = to_flat(from_flat(full, shape, saved_order), order)
+                values[key] = reordered.narrow(0, piece.in_param.start, piece.in_param.numel).clone()
             elif isinstance(spec, list):
                 dtype = tensors[_state_key(name, key, spec[0][0])].properties.dtype
                 assembled = torch.empty(piece.in_param.numel, dtype=dtype)
@@ -465,7 +499,7 @@ def consolidate_dir(path: str | os.PathLike[str]) -> dict[str, Any]:
             elif isinstance(spec, list):
                 parts = sorted(spec)
                 full = torch.cat([loaded[_state_key(name, key, start)] for start, _ in parts])
-                entry[key] = full.view(shape)
+                entry[key] = from_flat(full, shape, _saved_order(meta, name))
             else:
                 entry[key] = spec[1]
         if entry:

@@ -61,16 +61,22 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 class PendingGather:
     """Handles of the async collectives that fill one bucket; `wait()` blocks until they finish."""
 
-    def __init__(self, comm: Comm, works: Sequence[dist.Work], what: str) -> None:
+    def __init__(
+        self, comm: Comm, works: Sequence[dist.Work], what: str, finish: Callable[[], None] | None = None
+    ) -> None:
         self._comm = comm
         self._works = list(works)
         self._what = what
+        self._finish = finish
 
     def wait(self) -> None:
         """Wait for every handle, raising a RuntimeError that names the operation on failure."""
         for work in self._works:
             self._comm.wait_work(work, self._what)
         self._works.clear()
+        finish, self._finish = self._finish, None
+        if finish is not None:  # the padded transport: copy the ranks' ranges out into the bucket
+            finish()
 
 
 class PendingReduce:
@@ -85,6 +91,7 @@ class PendingReduce:
         out: torch.Tensor,
         accumulate: bool,
         what: str,
+        scale: float | None = None,
     ) -> None:
         self._comm = comm
         self._works = list(works)
@@ -92,6 +99,8 @@ class PendingReduce:
         self._out = out
         self._accumulate = accumulate
         self._what = what
+        #: What the arrived total is multiplied by: 1 / world_size for a sum, 1 when already averaged.
+        self._scale = 1.0 / comm.world_size if scale is None else scale
 
     @property
     def done(self) -> bool:
@@ -105,7 +114,7 @@ class PendingReduce:
         self._works.clear()
         total, self._total = self._total, None
         if total is not None:  # the sum arrived in a scratch tensor: take the mean into out
-            scale = 1.0 / self._comm.world_size
+            scale = self._scale
             if self._accumulate:
                 self._out.add_(total, alpha=scale)
             else:
@@ -138,6 +147,43 @@ def _warn_if_launched_unsharded() -> None:
         "shardoptim.init_distributed() (or torch.distributed.init_process_group) before building it",
         stacklevel=stacklevel,
     )
+
+
+#: The padded transports of uneven ranges (whole-tensor layouts) send world_size x the largest
+#: range; above this multiple of the bucket itself they fall back to one call per owner.
+_MAX_PADDED_RATIO = 2.0
+
+
+def _pads_cheaply(sizes: Sequence[int]) -> bool:
+    """Whether padding every range of `sizes` to the largest costs at most _MAX_PADDED_RATIO x their sum."""
+    total = sum(sizes)
+    return total > 0 and len(sizes) * max(sizes) <= _MAX_PADDED_RATIO * total
+
+
+def _padded_rows(
+    padded: torch.Tensor, bucket: torch.Tensor, bounds: Sequence[int], width: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Return, per rank, its row of `padded` (the first `size` elements of it) and its range of `bucket`."""
+    sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+    rows = [padded.narrow(0, r * width, numel) for r, numel in enumerate(sizes)]
+    parts = [bucket.narrow(0, lo, numel) for lo, numel in zip(bounds, sizes)]
+    return rows, parts
+
+
+def _group_device_types(group: dist.ProcessGroup | None, backend: str) -> tuple[str, ...]:
+    """Return the device types `group` has backends for, from the group (or the backend string)."""
+    try:
+        assert group is not None
+        types = tuple(dict.fromkeys(d.type for d in group._device_types))
+    except (AttributeError, AssertionError, RuntimeError):
+        types = ()
+    if types:
+        return types
+    # A torch without _device_types, or a group whose backends are not registered yet:
+    # "cpu:gloo,cuda:nccl" names its devices; a plain name is NCCL's CUDA or a CPU backend.
+    if ":" in backend:
+        return tuple(dict.fromkeys(part.split(":")[0].strip() for part in backend.split(",")))
+    return ("cuda",) if backend == "nccl" else ("cpu",)
 
 
 class Comm:
@@ -189,6 +235,8 @@ class Comm:
         self._staging: SharedStaging | None = None
         self._mpi: MpiCollectives | None = None
         self._scratches: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        #: Host reads of collective results off the CPU so far (see `to_host`).
+        self.num_host_reads = 0
 
     def _resolve_gather_method(self) -> GatherMethod:
         if self.gather_method is None:
@@ -263,8 +311,8 @@ class Comm:
         group = self.group if self.group is not None else dist.group.WORLD
         try:
             assert group is not None
-            return float(group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
-        except (AttributeError, RuntimeError):  # no CPU backend, or a torch without the field
+            return float(group._get_backend(self.device).options._timeout.total_seconds())
+        except (AttributeError, RuntimeError):  # a backend without options, or a torch without the field
             return _DEFAULT_TIMEOUT_S
 
     def _shared_staging(self) -> SharedStaging:
@@ -288,11 +336,64 @@ class Comm:
         return f"[rank {self.rank}/{self.world_size}] "
 
     @property
+    def device_types(self) -> tuple[str, ...]:
+        """The device types the group has a backend for ("cpu", "cuda", ...; ("cpu",) without a group).
+
+        Read from the group itself (`ProcessGroup._device_types`), never from the backend's name:
+        `init_process_group()` without a backend reports "undefined", `init_device_mesh("cuda", ...)`
+        makes such groups too, and "cpu:gloo,cuda:nccl" names two.
+        """
+        if not self.is_distributed:
+            return ("cpu",)
+        return _group_device_types(self.group if self.group is not None else dist.group.WORLD, self.backend)
+
+    @property
     def device(self) -> torch.device:
-        """The device small collective tensors live on (CUDA for NCCL, else CPU)."""
-        if self.backend == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        """The device small collective tensors live on.
+
+        The CPU whenever the group has a CPU backend (gloo, or "cpu:gloo,cuda:nccl": flags and
+        metadata then never touch an accelerator), else the group's accelerator: the current CUDA
+        device for an NCCL-only group, the meta device for a fake group registered for "meta".
+        """
+        types = self.device_types
+        if "cpu" in types:
+            return torch.device("cpu")
+        kind = "cuda" if "cuda" in types else types[0]
+        if kind == "meta":
+            return torch.device("meta")
+        module = getattr(torch, kind, None)
+        current = getattr(module, "current_device", None)
+        return torch.device(kind, current()) if callable(current) else torch.device(kind)
+
+    def wire_device(self, device: torch.device) -> torch.device:
+        """Return the device a tensor living on `device` travels on between ranks.
+
+        `device` itself when the group has a backend for its type (CUDA state over NCCL), else
+        `self.device` (a CPU `step` scalar beside CUDA parameters on an NCCL-only group). The sender
+        and the receiver of a point-to-point transfer must pass the same `device` type: the
+        receiver passes the sender's (the parameter's device type is the same on every rank).
+        """
+        if device.type in self.device_types:
+            if device.type == "cuda" and device.index is None:
+                return torch.device("cuda", torch.cuda.current_device())
+            return device
+        return self.device
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Return a small collective result on the CPU (a host-device sync when it lives on an accelerator).
+
+        Every host read of a collective result goes through here, and `num_host_reads` counts those
+        off the CPU, so tests can check how many syncs a step makes.
+
+        NOTE: a meta tensor (torch's fake process group registered for "meta", which simulates
+        an accelerator-only group in one process) has no values: it reads as zeros.
+        """
+        if tensor.device.type == "cpu":
+            return tensor
+        self.num_host_reads += 1
+        if tensor.device.type == "meta":
+            return torch.zeros(tensor.shape, dtype=tensor.dtype)
+        return tensor.cpu()
 
     def global_rank(self, rank: int) -> int:
         """Return the global rank of `rank` in the shard group."""
@@ -300,13 +401,23 @@ class Comm:
             return rank
         return dist.get_global_rank(self.group, rank)
 
-    def wait_work(self, work: dist.Work, what: str) -> None:
-        """Wait for one async handle; turn a failure or timeout into an error naming `what`."""
+    def wait_work(self, work: dist.Work, what: str, *, host: bool = False) -> None:
+        """Wait for one async handle; turn a failure or timeout into an error naming `what`.
+
+        On a CPU backend (gloo) the wait always blocks the host. On NCCL a wait without a timeout
+        only makes the current stream wait for the collective (what the step wants: no host
+        sync); `host=True` (or a Comm built with a timeout) passes the timeout, which makes NCCL
+        block the host until the collective completes and raise here when it takes longer, so the
+        "a peer may have died" error fires on NCCL too. Un-waited NCCL failures are reported by
+        NCCL's own watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING), which ends the process.
+        """
         try:
-            if self.timeout is None:
-                work.wait()
-            else:
+            if self.timeout is not None:
                 work.wait(self.timeout)
+            elif host and self.device.type != "cpu":
+                work.wait(timedelta(seconds=self.timeout_s()))
+            else:
+                work.wait()
         except RuntimeError as err:
             raise RuntimeError(
                 f"{self.prefix}{what} failed or timed out: {err}. A peer rank may have died or "
@@ -350,6 +461,20 @@ class Comm:
             work = _all_gather_single(bucket, mine, group=self.group, async_op=True)
             assert work is not None
             works.append(work)
+        elif method == "all_gather" and _pads_cheaply(sizes):
+            # Uneven ranges (whole-tensor layouts): every range padded to the largest, one call.
+            width = max(sizes)
+            padded = torch.empty(self.world_size * width, dtype=bucket.dtype, device=bucket.device)
+            rows, parts = _padded_rows(padded, bucket, bounds, width)
+            rows[self.rank].copy_(parts[self.rank])
+            work = _all_gather_single(padded, padded.narrow(0, self.rank * width, width), group=self.group, async_op=True)
+            assert work is not None
+            others = [r for r in range(self.world_size) if r != self.rank and sizes[r]]
+
+            def unpad() -> None:
+                torch._foreach_copy_([parts[r] for r in others], [rows[r] for r in others])
+
+            return PendingGather(self, [work], what, finish=unpad if others else None)
         else:
             for rank, numel in enumerate(sizes):
                 if numel == 0:
@@ -458,27 +583,70 @@ class Comm:
                 return PendingReduce(self, [], total=total, out=out, accumulate=accumulate, what=what)
         if method == "shm" and bucket.device.type == "cpu":
             scale = 1.0 / self.world_size
+            if out.dtype in (torch.float16, torch.bfloat16):  # sums in out's dtype: divide first
+                bucket.div_(self.world_size)
+                scale = 1.0
             staging = self._shared_staging()
             if staging.reduce_scatter_(bucket, bounds, out, accumulate=accumulate, scale=scale):
                 return PendingReduce(self, [], total=None, out=out, accumulate=accumulate, what=what)
             self.gather_method = method = "broadcast"  # /dev/shm too small: same on every rank
         works: list[dist.Work | None] = []
+        op, mean_scale = self._mean_op_(bucket)
         if len(set(sizes)) == 1:
             # a fresh result per launch: several of these may be in flight at once
             total = torch.empty(end - start, dtype=bucket.dtype, device=bucket.device)
-            works.append(_reduce_scatter_single(total, bucket, group=self.group, async_op=True))
+            works.append(_reduce_scatter_single(total, bucket, op=op, group=self.group, async_op=True))
+        elif method == "all_gather" and _pads_cheaply(sizes):
+            # Uneven ranges (whole-tensor layouts): every range padded to the largest, one call.
+            width = max(sizes)
+            padded = torch.zeros(self.world_size * width, dtype=bucket.dtype, device=bucket.device)
+            rows, parts = _padded_rows(padded, bucket, bounds, width)
+            filled = [r for r in range(self.world_size) if sizes[r]]
+            torch._foreach_copy_([rows[r] for r in filled], [parts[r] for r in filled])
+            result = torch.empty(width, dtype=bucket.dtype, device=bucket.device)
+            works.append(_reduce_scatter_single(result, padded, op=op, group=self.group, async_op=True))
+            total = result.narrow(0, 0, end - start)
         else:
             # Uneven ranges (whole-tensor layouts): one reduce per owner, into its own range.
             for rank, numel in enumerate(sizes):
                 if numel:
                     part = bucket.narrow(0, bounds[rank], numel)
                     works.append(
-                        dist.reduce(part, dst=self.global_rank(rank), group=self.group, async_op=True)
+                        dist.reduce(part, dst=self.global_rank(rank), op=op, group=self.group, async_op=True)
                     )
             total = bucket[start:end]
         assert all(work is not None for work in works)
         done = [w for w in works if w is not None]
-        return PendingReduce(self, done, total=total, out=out, accumulate=accumulate, what=what)
+        return PendingReduce(
+            self, done, total=total, out=out, accumulate=accumulate, what=what, scale=mean_scale
+        )
+
+    def _averages_natively(self, device: torch.device) -> bool:
+        """Whether the group's backend for `device` averages itself (NCCL's ReduceOp.AVG; gloo has none)."""
+        if device.type != "cuda" or not self.is_distributed:
+            return False
+        group = self.group if self.group is not None else dist.group.WORLD
+        try:
+            assert group is not None
+            backend = group._get_backend(device)
+        except (AssertionError, AttributeError, RuntimeError):
+            return False
+        return "nccl" in type(backend).__name__.lower()
+
+    def _mean_op_(self, tensor: torch.Tensor) -> tuple[dist.ReduceOp.RedOpType, float | None]:
+        """Return (the reduce op, the scale of its result) for a mean of `tensor` over the ranks.
+
+        fp32/fp64: a SUM, divided afterwards (scale None: 1 / world_size). fp16/bf16, whose sum over
+        many ranks of loss-scaled gradients can overflow (false infs, skipped steps): NCCL's AVG
+        where the backend has it, else `tensor` is divided by the world size first, as DDP does
+        (mutates `tensor`); either way the result is the mean already (scale 1).
+        """
+        if tensor.dtype not in (torch.float16, torch.bfloat16):
+            return dist.ReduceOp.SUM, None
+        if self._averages_natively(tensor.device):
+            return dist.ReduceOp.AVG, 1.0
+        tensor.div_(self.world_size)
+        return dist.ReduceOp.SUM, 1.0
 
     def _scratch(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """Return a reused CPU scratch tensor (fresh large allocations cost page faults every step).
@@ -519,10 +687,14 @@ class Comm:
             "max": dist.ReduceOp.MAX,
             "min": dist.ReduceOp.MIN,
         }
-        work = dist.all_reduce(tensor, op=red[op], group=self.group, async_op=True)
+        scale: float | None = None
+        red_op = red[op]
+        if op == "mean":
+            red_op, scale = self._mean_op_(tensor)
+        work = dist.all_reduce(tensor, op=red_op, group=self.group, async_op=True)
         assert work is not None
         self.wait_work(work, what)
-        if op == "mean":
+        if op == "mean" and scale is None:
             tensor.div_(self.world_size)
 
     def _small_through_shm(self, tensor: torch.Tensor) -> bool:
@@ -557,12 +729,15 @@ class Comm:
 
         One one-element broadcast per rank: a rank that died is noticed by every survivor at
         once (a ring all-reduce would leave some survivors waiting on a live peer until timeout).
+        It blocks the host on every backend: on NCCL each wait passes a timeout (which makes it a
+        host wait, not a stream wait) and the flags are then read on the host, so no rank returns
+        before every rank got here (checkpoint files are published and read behind it).
 
         Collective: call on every rank of the group, in the same order.
         """
         if self.world_size == 1:
             return
-        flags = torch.zeros(self.world_size, device=self.device)
+        flags = torch.ones(self.world_size, device=self.device)
         works = []
         for rank in range(self.world_size):
             work = dist.broadcast(
@@ -571,7 +746,8 @@ class Comm:
             assert work is not None
             works.append(work)
         for work in works:
-            self.wait_work(work, what)
+            self.wait_work(work, what, host=True)
+        self.to_host(flags)  # NOTE: a device-to-host copy of the result: the host waits for it
 
     def raise_if_any_failed(self, failure: Exception | None, *, what: str) -> None:
         """Raise on every rank when the local step `what` failed on any rank (else return).
@@ -588,7 +764,9 @@ class Comm:
         # NOTE: a one-element flag first: the object gather (N unpickles) only runs after a failure.
         flag = torch.tensor([0.0 if failure is None else 1.0], device=self.device)
         self.all_reduce_(flag, op="max", what=what)
-        if not bool(flag.item()):
+        if not bool(self.to_host(flag).item()):
+            if failure is not None:  # a flag without values (meta, see to_host): no one else knows
+                raise failure
             return
         mine = None if failure is None else f"{type(failure).__name__}: {failure}"
         messages = self.all_gather_object(mine, what=what)
@@ -613,13 +791,17 @@ class Comm:
         return out
 
     def send(self, tensor: torch.Tensor, *, dst: int, what: str) -> None:
-        """Send `tensor` to rank `dst` of the group (point to point; pair with `recv` there)."""
+        """Send `tensor` to rank `dst` of the group (point to point; pair with `recv` there).
+
+        The wait blocks the host on NCCL too (consolidation is not on the step's path), so a peer that
+        died or skipped the call raises here, naming `what`, instead of waiting for NCCL's watchdog.
+        """
         work = dist.isend(tensor, dst=self.global_rank(dst), group=self.group)
         assert work is not None
-        self.wait_work(work, what)
+        self.wait_work(work, what, host=True)
 
     def recv(self, tensor: torch.Tensor, *, src: int, what: str) -> None:
-        """Receive into `tensor` from rank `src` of the group (pair with `send` there)."""
+        """Receive into `tensor` from rank `src` of the group (pair with `send` there; host wait, as `send`)."""
         work = dist.irecv(tensor, src=self.global_rank(src), group=self.group)
         assert work is not None
-        self.wait_work(work, what)
+        self.wait_work(work, what, host=True)

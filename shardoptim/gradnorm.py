@@ -69,7 +69,8 @@ def total_norm(
         partial = torch.linalg.vector_norm(
             torch.stack([n.to(device=device, dtype=dtype) for n in norms]), norm_type
         )
-    partials = comm.all_gather(partial.to(comm.device), what="gradient norm").to(device)
+    # NOTE: on the gradients' own device when the group has a backend for it (no host sync).
+    partials = comm.all_gather(partial.to(comm.wire_device(partial.device)), what="gradient norm").to(device)
     total: torch.Tensor = torch.linalg.vector_norm(partials.reshape(-1), norm_type)
     return total
 
@@ -96,13 +97,20 @@ def scale_(grads: Sequence[torch.Tensor], factor: torch.Tensor) -> None:
         torch._foreach_mul_(members, factor.to(device))
 
 
-def local_nonfinite(grads: Sequence[torch.Tensor]) -> bool:
-    """Return whether any of this rank's gradients holds an inf or nan (no communication)."""
-    grads = [g for g in grads if g.numel()]
-    if not grads:
-        return False
-    peaks = torch._foreach_norm(grads, math.inf)
-    return not bool(torch.isfinite(torch.stack([p.float().cpu() for p in peaks])).all())
+def local_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """Return a 1-element fp64 flag: 1 when any of this rank's gradients holds an inf or nan (no communication).
+
+    The flag stays on the gradients' device (no host read: the caller sends it with the step's
+    one small collective); None when there are no gradients.
+    """
+    flags = []
+    for (device, _dtype), members in _by_device_and_dtype(grads).items():
+        peaks = torch._foreach_norm(members, math.inf)
+        flags.append((~torch.isfinite(torch.stack(peaks))).any().to(device, torch.float64).reshape(1))
+    if not flags:
+        return None
+    first = flags[0]
+    return torch.stack([f.to(first.device) for f in flags]).amax().reshape(1)
 
 
 def unscale_and_check_(
@@ -118,6 +126,6 @@ def unscale_and_check_(
         local = torch.zeros_like(found_inf, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(members, local, inv_scale.to(device))
         found_inf.copy_(torch.maximum(found_inf, local.to(found_inf.device)))
-    flag = found_inf.to(comm.device, dtype=torch.float32).reshape(1)
+    flag = found_inf.to(comm.wire_device(found_inf.device), dtype=torch.float32).reshape(1)
     comm.all_reduce_(flag, op="max", what="GradScaler inf/nan check")
     found_inf.copy_(flag.reshape(()).to(found_inf.device, found_inf.dtype))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shardoptim.buffers import memory_perm, to_flat
 from shardoptim.bufpool import BufferPool
 from shardoptim.comm import Comm, PendingReduce
 
@@ -237,10 +238,11 @@ class GradReducer:
             bucket.full = self._pool.take(bucket.numel, bucket.dtype, bucket.device)
             bucket.written.clear()
         region = bucket.full.narrow(0, slot.start_global, slot.numel)
+        flat = to_flat(grad, memory_perm(param))  # the parameter's memory order, as its flat range
         if index in bucket.written:
-            region.add_(grad.reshape(-1))
+            region.add_(flat)
         else:
-            region.copy_(grad.reshape(-1))  # no zero-fill pass over the bucket
+            region.copy_(flat)  # no zero-fill pass over the bucket
             bucket.written.add(index)
         param.grad = None
         self.has_grad[index] = True  # also for a parameter unfrozen since its hook was due
@@ -342,7 +344,7 @@ class GradReducer:
         flags = [float(self._replica_stale)] + [float(b.shard_valid) for b in self._buckets]
         packed = torch.tensor(flags + [float(h) for h in self.has_grad], device=replicate.device)
         replicate.all_reduce_(packed, op="max", what="gradient flags across replicas")
-        agreed = packed.cpu().tolist()
+        agreed = replicate.to_host(packed).tolist()  # NOTE: one host read per step on an accelerator-only group
         self._replica_stale = False
         if not agreed[0]:
             return

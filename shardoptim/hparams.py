@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -78,9 +79,35 @@ def _schema(groups: Sequence[Mapping[str, Any]]) -> list[_Entry]:
     return entries
 
 
+#: The attribute under which a device tensor option keeps its host values: (version counter, values).
+_HOST_ATTR = "_shardoptim_host_values"
+
+
+def _host_values(tensor: torch.Tensor) -> list[float]:
+    """Return a tensor option's values as floats, reading a device tensor once per in-place change.
+
+    A CPU tensor is read every time (no sync). A device tensor (a CUDA lr) is read when its
+    version counter moved since the last read (a host-device sync), else the values cached on
+    the tensor are returned: the per-step hyperparameter sync does not sync the device.
+    """
+    if tensor.device.type == "cpu":
+        return [float(v) for v in tensor.detach().reshape(-1).tolist()]
+    cached = getattr(tensor, _HOST_ATTR, None)
+    if cached is not None and cached[0] == tensor._version:
+        return list(cached[1])
+    values = _read_device(tensor)
+    setattr(tensor, _HOST_ATTR, (tensor._version, values))
+    return list(values)
+
+
+def _read_device(tensor: torch.Tensor) -> list[float]:
+    """Read a device tensor's values on the host (a host-device sync)."""
+    return [float(v) for v in tensor.detach().reshape(-1).tolist()]
+
+
 def _values(value: object) -> list[float]:
     if isinstance(value, torch.Tensor):
-        return [float(v) for v in value.detach().reshape(-1).tolist()]
+        return _host_values(value)
     if isinstance(value, (tuple, list)):
         return [float(v) for v in value]
     assert isinstance(value, (bool, int, float))
@@ -129,6 +156,14 @@ def _restore(old: object, kind: str, values: list[float]) -> object:
         return values[0]
     if kind == "tensor":
         assert isinstance(old, torch.Tensor)
+        if old.device.type != "cpu":  # compared on the host, with the cached values: no sync
+            held = torch.tensor(values, dtype=old.dtype)
+            rounded = [float(v) for v in held.tolist()]
+            if _host_values(old) != rounded:
+                with torch.no_grad():
+                    old.copy_(held.reshape(old.shape))
+                setattr(old, _HOST_ATTR, (old._version, rounded))
+            return old
         new = torch.tensor(values, dtype=old.dtype, device=old.device).reshape(old.shape)
         if not torch.equal(new, old):
             with torch.no_grad():
@@ -209,26 +244,33 @@ class HparamSyncer:
         Collective: call on every rank of the group, in the same order (except with mode "off").
         """
         comm = self.comm
-        extra64 = None if extra is None else extra.detach().to("cpu", torch.float64).reshape(-1)
+        # NOTE: `extra` may live on the gradients' device (the inf/nan flag): it joins the probe
+        # there and comes back with its one host read, never read on its own.
+        extra64 = None if extra is None else extra.detach().to(torch.float64).reshape(-1)
         if comm.world_size == 1:
-            return None if extra64 is None else extra64.unsqueeze(0)
+            return None if extra64 is None else comm.to_host(extra64).unsqueeze(0)
         if self.mode == "off":
             if extra64 is None:
                 return None
-            flags = extra64.to(comm.device)
+            if extra64.device.type == "cpu":
+                flags = _to_comm(extra64, comm)
+            else:  # a device flag on a CPU group: its one host read
+                flags = comm.to_host(extra64) if comm.device.type == "cpu" else extra64.to(comm.device)
             comm.all_reduce_(flags, op="max", what="step flags")
-            return flags.cpu().unsqueeze(0)
+            return comm.to_host(flags).unsqueeze(0)
         packed = pack_hparams(groups, capacity=self.capacity)[0]
         same, extras = self._all_equal(packed, extra64)
         if same and packed[0] != _OVERFLOW:  # all overflowing alike is not agreeing: grow below
             return extras
+        if extra64 is not None:
+            extra64 = comm.to_host(extra64)  # read only on a mismatch (the rare path below)
 
         def gather() -> tuple[torch.Tensor, list[Any]]:
             packed, entries = pack_hparams(groups, capacity=self.capacity)
             if extra64 is not None:
                 packed = torch.cat([packed, extra64])
             what = f"hyperparameter {self.mode}"
-            return comm.all_gather(packed.to(comm.device), what=what).cpu(), entries
+            return comm.to_host(comm.all_gather(_to_comm(packed, comm), what=what)), entries
 
         gathered, entries = gather()
         overflow = gathered[:, 0] == _OVERFLOW
@@ -265,13 +307,26 @@ class HparamSyncer:
         comm = self.comm
         # NOTE: NaN has no max; a NaN option compares as this sentinel (infinities stay themselves).
         key = torch.nan_to_num(packed, nan=_NAN_KEY, posinf=math.inf, neginf=-math.inf)
-        parts = [key, -key] + ([] if extra64 is None else [extra64])
-        probe = torch.cat(parts).to(comm.device)
+        probe = _to_comm(torch.cat([key, -key]), comm)
+        if extra64 is not None:
+            # a device flag meeting a CPU probe ("cpu:gloo,cuda:nccl") costs the step's one host read
+            extra = comm.to_host(extra64) if probe.device.type == "cpu" else extra64.to(probe.device)
+            probe = torch.cat([probe, extra])
         comm.all_reduce_(probe, op="max", what=f"hyperparameter {self.mode}")
-        probe = probe.cpu()
+        probe = comm.to_host(probe)
         n = key.numel()
         same = bool(torch.equal(probe[:n], -probe[n : 2 * n]))
         return same, None if extra64 is None else probe[2 * n :].unsqueeze(0)
+
+
+def _to_comm(host: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """Copy a small CPU vector to the group's device (from pinned memory, so the copy does not wait for the stream)."""
+    device = comm.device
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def sync_hparams_(groups: Sequence[dict[str, Any]], comm: Comm, *, mode: HparamSync) -> None:
@@ -292,17 +347,36 @@ def copy_hparams_(src: Sequence[Mapping[str, Any]], dst: Sequence[dict[str, Any]
                 d[key] = value
 
 
+@dataclass(frozen=True)
+class _TensorMark:
+    """A device tensor option in a snapshot: the object and its version counter (no copy, no read)."""
+
+    tensor: torch.Tensor
+    version: int
+
+
+def _snapshot_value(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.device.type != "cpu":
+        return _TensorMark(value, value._version)
+    return value.detach().clone()
+
+
 def snapshot_hparams(groups: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Return a copy of every option of `groups` (tensors cloned), to compare with after a step."""
-    return [
-        {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in g.items() if k not in STRUCTURE_KEYS}
-        for g in groups
-    ]
+    """Return a copy of every option of `groups` (CPU tensors cloned), to compare with after a step.
+
+    A device tensor is marked with its version counter instead: comparing a clone would read it
+    back (a host-device sync) after every step. It counts as written when replaced or written in place.
+    """
+    return [{k: _snapshot_value(v) for k, v in g.items() if k not in STRUCTURE_KEYS} for g in groups]
 
 
 def _differs(before: Any, after: Any) -> bool:
     if before is after:
         return False
+    if isinstance(before, _TensorMark):
+        return not (after is before.tensor and after._version == before.version)
     if isinstance(before, torch.Tensor) or isinstance(after, torch.Tensor):
         return not (
             isinstance(before, torch.Tensor)

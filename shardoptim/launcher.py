@@ -11,6 +11,7 @@ This module must not import the rest of shardoptim.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -142,6 +143,9 @@ class DistInfo:
 
 _INFO: DistInfo | None = None
 
+#: The default backend with CUDA: NCCL for CUDA tensors and gloo beside it for CPU ones (see init_distributed).
+_CUDA_DEFAULT_BACKEND = "cpu:gloo,cuda:nccl"
+
 
 def init_distributed(
     *,
@@ -159,7 +163,9 @@ def init_distributed(
     collectives work. With CUDA available the current device is set from the local rank.
 
     Args:
-        backend: process group backend; default "nccl" if CUDA is available, else "gloo".
+        backend: process group backend; default "cpu:gloo,cuda:nccl" if CUDA is available (CUDA
+            tensors over NCCL, the optimizer's small per-step flags and hyperparameters over gloo
+            on the CPU, so `step()` makes no host-device sync), else "gloo".
         timeout: limit for the rendezvous and for every collective of the group.
         environ: variables to read instead of `os.environ` (env:// still reads `MASTER_ADDR` and
             `MASTER_PORT` from `os.environ`, so they must agree).
@@ -177,7 +183,7 @@ def init_distributed(
         return _describe_existing(backend, environ)
     env = os.environ if environ is None else environ
     launch = LaunchEnv.from_environ(env)
-    chosen = backend if backend is not None else ("nccl" if torch.cuda.is_available() else "gloo")
+    chosen = backend if backend is not None else (_CUDA_DEFAULT_BACKEND if torch.cuda.is_available() else "gloo")
     if launch.launcher in ("torchrun", "env"):
         info = _init_env(launch, env, chosen, timeout)
     elif launch.launcher == "mpi":
@@ -523,6 +529,26 @@ def _open_store(
         ) from exc
 
 
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """Return the CUDA device a process of node-local rank `local_rank` uses among `device_count` visible ones.
+
+    The rule: `local_rank` when that many devices are visible (torchrun, or mpirun/srun with every
+    GPU visible to every process); else `local_rank % device_count`, which is device 0 when each
+    process sees only its own GPU (Slurm `--gpus-per-task=1`, MPI wrappers that set
+    CUDA_VISIBLE_DEVICES per rank) and one of its own GPUs when it sees a few. Two processes that
+    end on the same physical GPU make NCCL fail at its first collective ("Duplicate GPU detected").
+
+    Raises:
+        ValueError: no CUDA device is visible.
+    """
+    if device_count < 1:
+        raise ValueError(
+            f"local rank {local_rank}: no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); give each process a GPU or use backend='gloo'"
+        )
+    return local_rank if local_rank < device_count else local_rank % device_count
+
+
 def _create_group(
     launch: LaunchEnv,
     backend: str,
@@ -534,16 +560,15 @@ def _create_group(
     store: Store | None = None,
     init_method: str | None = None,
 ) -> DistInfo:
+    extra: dict[str, Any] = {}
     if torch.cuda.is_available() and local_rank >= 0 and "nccl" in backend:
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(
-                f"[rank {rank}/{world_size}] local rank {local_rank} but only "
-                f"{torch.cuda.device_count()} CUDA devices are visible; start at most one process "
-                "per GPU on each node or use backend='gloo'"
-            )
-        torch.cuda.set_device(local_rank)
+        index = cuda_device_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        if "device_id" in inspect.signature(dist.init_process_group).parameters:
+            # NOTE: binds the NCCL communicator to this GPU at once (no guess at the first collective).
+            extra["device_id"] = torch.device("cuda", index)
     dist.init_process_group(
-        backend, init_method=init_method, store=store, rank=rank, world_size=world_size, timeout=timeout
+        backend, init_method=init_method, store=store, rank=rank, world_size=world_size, timeout=timeout, **extra
     )
     return DistInfo(
         rank=rank,

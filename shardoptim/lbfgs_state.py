@@ -45,6 +45,8 @@ def _gather_vector(opt: ShardedOptimizer, local: Tensor, *, to: int, what: str) 
     Collective (point to point into `to`): call on every rank, in the same order.
     """
     comm = opt._comm
+    # NOTE: the same device on both ends of every transfer (see state_dict._move).
+    wire = comm.wire_device(opt._params[0].device)
     full = torch.empty(_flat_slices(opt, 0)[1], dtype=local.dtype) if comm.rank == to else None
     for rank in range(comm.world_size):
         slices, _ = _flat_slices(opt, rank)
@@ -53,13 +55,13 @@ def _gather_vector(opt: ShardedOptimizer, local: Tensor, *, to: int, what: str) 
             continue
         if comm.rank != to:
             if rank == comm.rank:
-                comm.send(local.contiguous(), dst=to, what=what)
+                comm.send(local.to(wire).contiguous(), dst=to, what=what)
             continue
         assert full is not None
         if rank == to:
             part = local.detach().cpu()
         else:
-            part = torch.empty(numel, dtype=local.dtype, device=comm.device)
+            part = torch.empty(numel, dtype=local.dtype, device=wire)
             comm.recv(part, src=rank, what=what)
             part = part.cpu()
         offset = 0

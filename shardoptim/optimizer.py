@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from shardoptim.buffers import FlatBuffers
+from shardoptim.buffers import FlatBuffers, memory_perm, to_flat
 from shardoptim.comm import Comm
 from shardoptim.config import DEFAULT_BUCKET_NUMEL, CommBackend, ShardConfig, Stage
 from shardoptim.entry import EntryCheck
@@ -720,7 +720,8 @@ class _ShardAccess:
             if grad is None:
                 out.append(torch.zeros_like(piece.local))
             else:
-                out.append(grad.reshape(-1).narrow(0, piece.in_param.start, piece.in_param.numel))
+                flat = to_flat(grad, memory_perm(self._owner._params[piece.index]))
+                out.append(flat.narrow(0, piece.in_param.start, piece.in_param.numel))
         return out
 
     def gather_params(self) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from shardoptim import gradnorm
+from shardoptim.buffers import from_flat, memory_perm, to_flat
 from shardoptim.comm import Comm
 from shardoptim.grads import GradReducer
 from shardoptim.pieces import Piece
@@ -88,12 +89,16 @@ class OwnedGrads:
             if not has_grad[piece.index] or shard is None:
                 return None
             owned = shard.narrow(0, piece.start_local, piece.in_param.numel)
-            return owned.view(piece.local.shape) if self._whole_tensors else owned
+            if not self._whole_tensors:
+                return owned
+            return from_flat(owned, piece.local.shape, memory_perm(self._params[piece.index]))
         grad = self._params[piece.index].grad
         if grad is None:
             return None
         if not self._whole_tensors:
-            grad = grad.reshape(-1).narrow(0, piece.in_param.start, piece.in_param.numel)
+            # NOTE: in the parameter's memory order, as its flat range (see buffers.memory_perm).
+            flat = to_flat(grad, memory_perm(self._params[piece.index]))
+            grad = flat.narrow(0, piece.in_param.start, piece.in_param.numel)
         return grad.to(piece.local.dtype)
 
     def owned(self) -> list[torch.Tensor]:
@@ -106,7 +111,8 @@ class OwnedGrads:
                 grad = None if shard is None else shard.narrow(0, piece.start_local, piece.in_param.numel)
             else:
                 full = self._params[piece.index].grad
-                grad = None if full is None or full.is_sparse else full.reshape(-1)
+                perm = memory_perm(self._params[piece.index])
+                grad = None if full is None or full.is_sparse else to_flat(full, perm)
                 grad = None if grad is None else grad.narrow(0, piece.in_param.start, piece.in_param.numel)
             if grad is not None:
                 out.append(grad)
@@ -161,12 +167,13 @@ class OwnedGrads:
         if self._reducer is None and not check_nonfinite:
             return None
         flags = list(self._reducer.has_grad) if self._reducer is not None else []
-        nonfinite = False
+        nonfinite = None
         if check_nonfinite:
             tensors = self._reducer.shards() if self._reducer is not None else self.owned()
-            nonfinite = gradnorm.local_nonfinite(tensors)
-        flags.append(nonfinite)
-        return torch.tensor(flags, dtype=torch.float64)
+            nonfinite = gradnorm.local_nonfinite(tensors)  # on the gradients' device: no host read here
+        if nonfinite is None:
+            return torch.tensor(flags + [0.0], dtype=torch.float64)
+        return torch.cat([torch.tensor(flags, dtype=torch.float64).to(nonfinite.device), nonfinite])
 
     def merge_flags(self, rank_to_flags: torch.Tensor | None) -> tuple[list[bool] | None, bool]:
         """Return (parameters with a gradient on any rank or None at stage 1, inf/nan on any rank)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shardoptim.buffers import FlatBuffers
+from shardoptim.buffers import FlatBuffers, from_flat, memory_perm
 from shardoptim.layout import (
     Layout,
     ShardRange,
@@ -147,7 +147,7 @@ def place_params(
         if masters.has(b):
             target = buffers.local_view(piece)
             local = masters.add_piece(MasterPiece(index, b, start_local, piece.in_param.numel), target)
-            local = local if shape is None else local.view(shape)
+            local = local if shape is None else from_flat(local, shape, memory_perm(params[piece.index]))
         else:
             local = buffers.local_view(piece, shape=shape)
         buckets[piece.bucket].group_to_locals.setdefault(index_to_group[index], []).append(local)

@@ -66,7 +66,7 @@ def rank0_rng(comm: Comm, devices: Sequence[torch.device], *, src: int = 0) -> I
         yield
         return
     sizes = [s.numel() for s in mine]
-    received = list(torch.split(packed.cpu(), sizes))
+    received = list(torch.split(comm.to_host(packed), sizes))  # a host read on an accelerator-only group
     _set_states(received, cuda)
     try:
         yield

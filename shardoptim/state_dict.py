@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from shardoptim.buffers import from_flat, memory_perm, to_flat
 from shardoptim.hparams import STRUCTURE_KEYS
 from shardoptim.master import MASTER_KEY
 
@@ -117,7 +118,8 @@ def consolidate(opt: ShardedOptimizer, *, to: int) -> dict[str, Any] | None:
             for start, end, rank in owners:
                 part = None if full is None else full.narrow(0, start, end - start)
                 _move(opt, part, index_to_local, index, key, src=rank, to=to, what=what)
-            entry[key] = None if full is None else full.view(param.shape)
+            # NOTE: pieces are in the parameter's memory order: the full tensor keeps its layout.
+            entry[key] = None if full is None else from_flat(full, param.shape, memory_perm(param))
         state[index] = entry
     if comm.rank != to:
         return None
@@ -135,19 +137,27 @@ def _move(
     to: int,
     what: str,
 ) -> None:
-    """Copy rank `src`'s state tensor `key` of parameter `index` into `out` on rank `to`."""
+    """Copy rank `src`'s state tensor `key` of parameter `index` into `out` on rank `to`.
+
+    The tensor travels on `comm.wire_device(parameter's device)`, the same on both ranks: the
+    parameter's own device when the group has a backend for it (CUDA state over NCCL), else the
+    group's device. The sender moves a state tensor living elsewhere there first (torch keeps
+    `step`, and NAdam's `mu_product`, as CPU scalars beside CUDA parameters without fused
+    kernels); the receiver receives there and copies into `out` (CPU).
+    """
     comm = opt._comm
+    wire = comm.wire_device(opt._params[index].device)
     if comm.rank == src == to:
         assert out is not None
         out.copy_(index_to_local[index][key].reshape(out.shape))
     elif comm.rank == src:
-        comm.send(index_to_local[index][key].contiguous(), dst=to, what=what)
+        comm.send(index_to_local[index][key].to(wire).contiguous(), dst=to, what=what)
     elif comm.rank == to:
         assert out is not None
-        if comm.device.type == "cpu":
+        if out.device == wire:
             comm.recv(out, src=src, what=what)
         else:
-            staging = torch.empty(out.shape, dtype=out.dtype, device=comm.device)
+            staging = torch.empty(out.shape, dtype=out.dtype, device=wire)
             comm.recv(staging, src=src, what=what)
             out.copy_(staging)
 
@@ -238,7 +248,8 @@ def load(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
     for piece in opt._pieces:
         entry = saved_state.get(index_to_saved_id[piece.index])
         if entry:
-            index_to_values[piece.index] = {key: _slice(value, piece, flat) for key, value in entry.items()}
+            perm = memory_perm(opt._params[piece.index])
+            index_to_values[piece.index] = {key: _slice(value, piece, flat, perm) for key, value in entry.items()}
     load_pieces(opt, saved_groups, index_to_values)
 
 
@@ -329,10 +340,10 @@ def _fits(value: torch.Tensor, param: torch.Tensor, *, flat: bool) -> bool:
     return value.dim() == param.dim() and all(v in (p, 1) for v, p in zip(value.shape, param.shape))
 
 
-def _slice(value: Any, piece: Any, flat: bool) -> Any:
-    """Return this piece's own copy of one saved state value."""
+def _slice(value: Any, piece: Any, flat: bool, perm: tuple[int, ...] | None = None) -> Any:
+    """Return this piece's own copy of one saved state value (flat pieces in the memory order `perm`)."""
     if not isinstance(value, torch.Tensor):
         return copy.deepcopy(value)
     if flat and value.dim() > 0:
-        return value.detach().reshape(-1).narrow(0, piece.in_param.start, piece.in_param.numel).clone()
+        return to_flat(value.detach(), perm).narrow(0, piece.in_param.start, piece.in_param.numel).clone()
     return value.detach().clone()

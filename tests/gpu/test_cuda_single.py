@@ -1,7 +1,8 @@
 """CUDA checks on one GPU (world size 1): fused kernels, stage 2, master weights, clipping, loss scaling.
 
 Skipped without a CUDA device: the CPU machines of CI have none. On a GPU machine run
-`python -m pytest -q tests/gpu`. Multi-rank NCCL needs one GPU per rank and is not covered here.
+`python -m pytest -q tests/gpu`. Multi-rank NCCL needs one GPU per rank: tests/gpu/_nccl_checks.py
+(run by tests/gpu/run_all.sh on 2+ GPUs); test_cuda_paths.py checks one rank of a fake group here.
 """
 
 from __future__ import annotations

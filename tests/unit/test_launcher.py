@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from datetime import timedelta
 
 import pytest
 import torch.distributed as dist
@@ -359,3 +360,59 @@ def test_init_distributed_env_must_match_os_environ(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ValueError, match="env:// reads MASTER_ADDR and MASTER_PORT from os.environ"):
         init_distributed(environ=ENV)
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "device_count", "expected"),
+    [(3, 1, 0), (0, 1, 0), (2, 8, 2), (5, 2, 1)],  # per-task binding (1 or 2 GPUs per task), torchrun
+)
+def test_gpu_binding_per_task(
+    monkeypatch: pytest.MonkeyPatch, local_rank: int, device_count: int, expected: int
+) -> None:
+    """Each process sees its own GPU(s) (Slurm --gpus-per-task, MPI wrappers): no error for local rank >= count.
+
+    The chosen device is set and given to init_process_group as device_id (old: ValueError, no device_id).
+    """
+    import torch
+
+    from shardoptim import launcher
+
+    calls: dict[str, object] = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: device_count)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("set_device", index))
+    def init_process_group(backend: str, *, device_id: object = None, **kwargs: object) -> None:
+        calls["init"] = {**kwargs, "device_id": device_id}  # torch's signature has device_id since 2.3
+
+    monkeypatch.setattr(launcher.dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(launcher.dist, "get_backend", lambda *a: "nccl")
+    info = launcher._create_group(
+        LaunchEnv.from_environ({}), "nccl", timedelta(seconds=5), rank=local_rank, world_size=8, local_rank=local_rank
+    )
+    assert calls["set_device"] == expected
+    assert calls["init"]["device_id"] == torch.device("cuda", expected)  # type: ignore[index]
+    assert info.local_rank == local_rank
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        launcher.cuda_device_index(0, 0)
+
+
+def test_default_backend_with_cuda_has_a_cpu_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA, init_distributed's default is "cpu:gloo,cuda:nccl" (old: "nccl" alone, so every small
+    per-step collective ran on the GPU and was read back: a host-device sync per step)."""
+    import torch
+
+    from shardoptim import launcher
+
+    chosen: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launcher.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(launcher, "_open_store", lambda *a, **k: None)
+    monkeypatch.setattr(launcher, "_INFO", None)  # restored afterwards
+
+    def create_group(launch: LaunchEnv, backend: str, *args: object, **kwargs: object) -> launcher.DistInfo:
+        chosen.append(backend)
+        return launcher.DistInfo(rank=1, world_size=1, local_rank=0, backend=backend, launcher="single")
+
+    monkeypatch.setattr(launcher, "_create_group", create_group)
+    init_distributed(environ={})
+    assert chosen == ["cpu:gloo,cuda:nccl"]
