@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from shardoptim import gradnorm
-from shardoptim.buffers import from_flat, memory_perm, to_flat
+from shardoptim.buffers import MemoryPerm, from_flat, memory_perm, to_flat
 from shardoptim.comm import Comm
 from shardoptim.grads import GradReducer
 from shardoptim.pieces import Piece
@@ -45,9 +45,9 @@ class OwnedGrads:
         self._pieces = pieces
         self._reducer = reducer
         self._whole_tensors = whole_tensors
-        # NOTE: per piece, planned once (pieces only grow): (param index, owns the whole
-        # parameter, needs a cast to the piece's dtype); rebuilt when add_param_group added pieces.
-        self._plan: list[tuple[int, bool, bool]] = []
+        # NOTE: per piece, planned once (pieces only grow): (param index, owns the whole parameter,
+        # needs a cast to the piece's dtype, memory order); rebuilt when add_param_group added pieces.
+        self._plan: list[tuple[int, bool, bool, MemoryPerm]] = []
 
     def piece_grads(self, active: Sequence[bool], has_grad: Sequence[bool] | None) -> list[torch.Tensor | None]:
         """Return each local piece's gradient (None: its parameter has none, or its bucket is inactive).
@@ -63,14 +63,18 @@ class OwnedGrads:
                     p.index,
                     p.in_param.start == 0 and p.in_param.numel == self._params[p.index].numel(),
                     p.local.dtype != self._params[p.index].dtype,
+                    memory_perm(self._params[p.index]),
                 )
                 for p in self._pieces
             ]
         out: list[torch.Tensor | None] = []
-        for piece, (index, whole, cast) in zip(self._pieces, self._plan):
+        for piece, (index, whole, cast, perm) in zip(self._pieces, self._plan):
             grad = self._params[index].grad if active[piece.bucket] else None
             if grad is not None and not self._whole_tensors:
-                grad = grad.reshape(-1) if whole else grad.reshape(-1).narrow(0, piece.in_param.start, piece.in_param.numel)
+                # NOTE: in the parameter's memory order, as its flat range (see buffers.memory_perm).
+                grad = to_flat(grad, perm)
+                if not whole:
+                    grad = grad.narrow(0, piece.in_param.start, piece.in_param.numel)
             if grad is not None and cast:
                 grad = grad.to(piece.local.dtype)
             out.append(grad)
