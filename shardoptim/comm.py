@@ -50,6 +50,8 @@ _DEFAULT_TIMEOUT_S = 1800.0
 #: Reductions (max/min) of CPU tensors up to this many bytes go through the shared staging when
 #: every rank is on one host: the per-step hyperparameter and flag agreement, mostly.
 _SMALL_SHM_NBYTES = 64 << 10
+#: Bucket bounds whose range sizes are kept (see Comm._ranges); more buckets than this recompute.
+_MAX_KEPT_RANGES = 1024
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
 
@@ -237,6 +239,7 @@ class Comm:
         self._scratches: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         #: Host reads of collective results off the CPU so far (see `to_host`).
         self.num_host_reads = 0
+        self._bounds_to_ranges: dict[int, tuple[Sequence[int], list[int], bool]] = {}
 
     def _resolve_gather_method(self) -> GatherMethod:
         if self.gather_method is None:
@@ -437,7 +440,7 @@ class Comm:
         """
         if self.world_size == 1 or bounds[-1] == 0:
             return PendingGather(self, [], what)
-        sizes = [end - start for start, end in zip(bounds, bounds[1:])]
+        sizes, even = self._ranges(bounds)
         works: list[dist.Work] = []
         method = self._resolve_gather_method()
         mpi = self._mpi
@@ -456,7 +459,7 @@ class Comm:
             if self._shared_staging().gather_(bucket, bounds):
                 return PendingGather(self, [], what)
             self.gather_method = method = "broadcast"  # /dev/shm too small: same on every rank
-        if method == "all_gather" and len(set(sizes)) == 1:
+        if method == "all_gather" and even:
             mine = bucket.narrow(0, bounds[self.rank], sizes[self.rank])
             work = _all_gather_single(bucket, mine, group=self.group, async_op=True)
             assert work is not None
@@ -484,6 +487,23 @@ class Comm:
                 assert work is not None
                 works.append(work)
         return PendingGather(self, works, what)
+
+    def _ranges(self, bounds: Sequence[int]) -> tuple[list[int], bool]:
+        """Return the size of every rank's range of `bounds` and whether they are all equal.
+
+        Kept per bounds object (a bucket's bounds never change): at thousands of ranks, building
+        them again for every bucket of every step was most of the step's host time.
+        """
+        key = id(bounds)
+        hit = self._bounds_to_ranges.get(key)
+        if hit is not None and hit[0] is bounds:
+            return hit[1], hit[2]
+        sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        even = len(set(sizes)) == 1
+        if len(self._bounds_to_ranges) >= _MAX_KEPT_RANGES:
+            self._bounds_to_ranges.clear()
+        self._bounds_to_ranges[key] = (bounds, sizes, even)
+        return sizes, even
 
     def gathers_synchronously(self, device: torch.device) -> bool:
         """Whether bucket gathers on `device` complete inside the call (shared memory or MPI).
@@ -557,7 +577,7 @@ class Comm:
         start, end = bounds[self.rank], bounds[self.rank + 1]
         if self.world_size == 1 or bounds[-1] == 0:
             return PendingReduce(self, [], total=bucket[start:end], out=out, accumulate=accumulate, what=what)
-        sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+        sizes, even = self._ranges(bounds)
         method = self._resolve_gather_method()
         mpi = self._mpi
         if mpi is not None and bucket.device.type == "cpu" and bucket.dtype in (torch.float32, torch.float64):
@@ -592,7 +612,7 @@ class Comm:
             self.gather_method = method = "broadcast"  # /dev/shm too small: same on every rank
         works: list[dist.Work | None] = []
         op, mean_scale = self._mean_op_(bucket)
-        if len(set(sizes)) == 1:
+        if even:
             # a fresh result per launch: several of these may be in flight at once
             total = torch.empty(end - start, dtype=bucket.dtype, device=bucket.device)
             works.append(_reduce_scatter_single(total, bucket, op=op, group=self.group, async_op=True))
