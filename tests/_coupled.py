@@ -158,3 +158,8 @@ def max_rel_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
         float((p.detach() - q.detach()).abs().max()) / max(float(q.detach().abs().max()), 1e-12)
         for p, q in zip(a.parameters(), b.parameters())
     )
+
+
+def loss_x10(net: torch.nn.Module) -> torch.Tensor:
+    """The issue's reproduction: the full-batch MSE x10."""
+    return loss(net) * 10.0
