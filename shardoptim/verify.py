@@ -8,7 +8,8 @@ copy for the plain `optimizer_class(**kwargs)` on its own, one for
 plain copy gives the gradients, and the sharded copy gets the same gradients (what DDP's
 averaged gradients are), so a difference is the optimizer's, not the data's; with `closure=True`
 each copy evaluates `loss_fn` on itself inside a closure instead (classes that need one: LBFGS).
-torch.optim classes are built with the implementation flag (fused/foreach) the wrapper picks.
+The plain class is built as the user builds it (`optimizer_class(params, **kwargs)`), so a
+difference from an implementation flag the wrapper picks (fused/foreach) shows too.
 
 Per parameter it records the largest relative difference max|sharded - plain| / max|plain| over
 steps and ranks, and the first step where it was not bitwise equal. Verdict: "exact" (bitwise),

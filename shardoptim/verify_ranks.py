@@ -159,7 +159,6 @@ def _modes(opt: Any) -> Any:
 
 def _compare_one(spec: Spec, sharding: str) -> dict[str, Any]:
     """Train the plain and the sharded copy side by side on this rank. Collective (the sharded copy)."""
-    from shardoptim.kinds import resolve_impl_flags
     from shardoptim.optimizer import ShardedOptimizer
 
     cls, model_fn, loss_fn = (resolve(x) for x in (spec.optimizer_class, spec.model_fn, spec.loss_fn))
@@ -182,8 +181,7 @@ def _compare_one(spec: Spec, sharding: str) -> dict[str, Any]:
             "note": f"{type(err).__name__}: {err}",
             "tolerance": spec.rtol,
         }
-    flags = resolve_impl_flags(cls, spec.kwargs, [{"params": list(ref.parameters())}])
-    ref_opt = cls(ref.parameters(), **flags)
+    ref_opt = cls(ref.parameters(), **spec.kwargs)  # as the user builds it (no injected fused/foreach)
     layout = str(opt.sharding)
     tol = max(spec.rtol, LBFGS_RTOL) if layout == "lbfgs" else spec.rtol
     note = opt.probe_verdict.reason if opt.probe_verdict is not None else ""
