@@ -1,4 +1,4 @@
-"""Third-party optimizer classes read and found elementwise under every condition, per package version.
+"""Third-party optimizer classes read and found elementwise (or coupled) under every condition, per version.
 
 `sharding="auto"` gives element-granular (flat) sharding only to classes whose update is known to
 read nothing but each element's own parameter, gradient and state, and scalars that are the same
@@ -8,6 +8,10 @@ the package's version cannot be read) the class is treated as unknown, i.e. prob
 tensors at most. A class that only *looks* elementwise on test data (SGDP removes the radial part
 of a weight's update only when its gradient is nearly orthogonal to the weight) is not listed:
 being listed is a claim about the code, not about a run.
+
+`KNOWN_COUPLED` lists the opposite: classes read and found to couple tensors in a way the probe's
+synthetic run does not show (their effect stays below float32 resolution there), which therefore
+run replicated under `sharding="auto"` within the versions read.
 
 Pure: imports nothing from torch.distributed or the rest of shardoptim, and never imports a
 third-party package (a class is matched only once its module is loaded).
@@ -20,12 +24,12 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 
-__all__ = ["ALLOWLIST", "AllowedClass", "allowlisted"]
+__all__ = ["ALLOWLIST", "KNOWN_COUPLED", "AllowedClass", "allowlisted", "known_coupled"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AllowedClass:
-    """One third-party class known elementwise within a version range of its package."""
+    """One third-party class of known kind within a version range of its package."""
 
     module: str
     """Module that defines the class (its __module__)."""
@@ -80,6 +84,21 @@ ALLOWLIST: tuple[AllowedClass, ...] = (
 )
 
 
+#: Classes read and found to couple tensors where the probe cannot see it (see the module docstring).
+KNOWN_COUPLED: tuple[AllowedClass, ...] = (
+    AllowedClass(
+        module="pytorch_optimizer.optimizer.ranger21",
+        name="Ranger21",
+        package="pytorch_optimizer",
+        min_version=(4, 1, 0),
+        below_version=(4, 2),
+        why="its decoupled weight decay divides by sqrt(sum of every tensor's variance / their element count), "
+        "a statistic over all tensors of all groups; on the probe's gradients the factor it changes stays "
+        "below float32 resolution, on a network with small gradients it moves the weights by ~2e-6 at 3 ranks",
+    ),
+)
+
+
 def _release(version: str) -> tuple[int, ...] | None:
     """The numeric release part of a version string ("1.4.1" -> (1, 4, 1)); None when not numeric."""
     match = re.match(r"^\s*v?(\d+(?:\.\d+)*)", version)
@@ -100,7 +119,16 @@ def allowlisted(optimizer_class: type) -> AllowedClass | None:
     Only the listed class itself matches (a subclass may change the update); it matches by identity
     with the class its module defines, so a same-named class elsewhere never does.
     """
-    for entry in ALLOWLIST:
+    return _find(optimizer_class, ALLOWLIST)
+
+
+def known_coupled(optimizer_class: type) -> AllowedClass | None:
+    """Return the KNOWN_COUPLED entry of `optimizer_class` (installed version covered), else None."""
+    return _find(optimizer_class, KNOWN_COUPLED)
+
+
+def _find(optimizer_class: type, entries: tuple[AllowedClass, ...]) -> AllowedClass | None:
+    for entry in entries:
         if optimizer_class.__qualname__ != entry.name or optimizer_class.__module__ != entry.module:
             continue
         module = sys.modules.get(entry.module)

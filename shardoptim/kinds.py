@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch.optim import Optimizer
 
-from shardoptim.allowlist import allowlisted
+from shardoptim.allowlist import allowlisted, known_coupled
 from shardoptim.layout import muon_cost
 from shardoptim.probe import ProbeVerdict, probe_update_kind
 
@@ -80,8 +80,10 @@ def register_elementwise(optimizer_class: type[Optimizer]) -> type[Optimizer]:
 
     Its state is then sharded flat (element-granular, perfectly balanced). Only do this when the
     update of an element reads nothing but that element's parameter, gradient and state (and
-    scalar options): a per-tensor norm or a factored moment makes flat sharding silently wrong.
-    Usable as a class decorator; returns the class.
+    scalar options): a per-tensor norm or a factored moment makes flat sharding silently wrong,
+    also when it acts only sometimes (above a threshold, after a warm-up, for orthogonal
+    gradients). `shardoptim.verify` checks a class on your model. Usable as a class decorator;
+    returns the class.
     """
     _check_class(optimizer_class)
     _PER_TENSOR.pop(optimizer_class, None)
@@ -159,6 +161,8 @@ def resolve_kind(optimizer_class: type[Optimizer], sharding: str) -> Kind:
         return "tensor" if sharding == "tensor" else "replicated"
     if is_known_elementwise(optimizer_class):
         return "flat"
+    if optimizer_class not in _PER_TENSOR and known_coupled(optimizer_class) is not None:
+        return "replicated"
     return "tensor"  # NOTE: for a class of unknown kind ShardedOptimizer probes it instead
 
 
@@ -277,6 +281,7 @@ def is_registered(optimizer_class: type[Optimizer]) -> bool:
         is_known_elementwise(optimizer_class)
         or optimizer_class in _PER_TENSOR
         or optimizer_class is torch.optim.LBFGS
+        or known_coupled(optimizer_class) is not None
     )
 
 
@@ -295,6 +300,8 @@ class KindChoice:
     (a class of known kind, or a sharding the user chose)."""
     deciding: ProbeVerdict | None
     """The verdict that decided the layout (the most restrictive one), else None."""
+    reason: str
+    """Why this layout, in one line (for logs and `replication_reason`)."""
 
 
 def group_options(group: Mapping[str, Any]) -> dict[str, Any]:
@@ -346,12 +353,16 @@ def choose_kind(
         ValueError: as `resolve_kind`.
     """
     kind = resolve_kind(optimizer_class, sharding)
-    if sharding != "auto" or is_registered(optimizer_class):
-        return KindChoice(kind=kind, verdicts=(), deciding=None)
+    if sharding != "auto":
+        return KindChoice(kind=kind, verdicts=(), deciding=None, reason=f"sharding={sharding!r} was asked for")
+    if is_registered(optimizer_class):
+        coupled = known_coupled(optimizer_class)
+        reason = f"known to couple tensors (shardoptim.allowlist): {coupled.why}" if coupled else "known class"
+        return KindChoice(kind=kind, verdicts=(), deciding=None, reason=reason)
     verdicts = probe_groups(optimizer_class, defaults, groups)
     order: tuple[Kind, ...] = ("tensor", "replicated")
     deciding = max(verdicts, key=lambda v: order.index(kind_from_verdict(v)))
-    return KindChoice(kind=kind_from_verdict(deciding), verdicts=verdicts, deciding=deciding)
+    return KindChoice(kind=kind_from_verdict(deciding), verdicts=verdicts, deciding=deciding, reason=deciding.reason)
 
 
 def check_new_group(

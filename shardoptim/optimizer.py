@@ -155,11 +155,7 @@ class ShardedOptimizer(Stepping, Optimizer):
             )
         self._uses_rng = any(v.uses_rng for v in self.probe_verdicts)
         #: Why the class runs unsharded on every rank ("" unless sharding is "replicated").
-        self.replication_reason = ""
-        if self._kind == "replicated":
-            self.replication_reason = (
-                self.probe_verdict.reason if self.probe_verdict else "sharding='replicated' was asked for"
-            )
+        self.replication_reason = choice.reason if self._kind == "replicated" else ""
         self._check_supported(optimizer_class)
         self._num_steps = 0
         #: Steps skipped because a gradient held an inf or nan (skip_nonfinite=True).

@@ -10,7 +10,10 @@ hyperparameters, so that couplings which act only under some of them show up:
 - then a spike of 4 orders of magnitude up (a global clip or a spike guard acts) and one of 4
   orders down (below running norms and thresholds).
 
-A gradient is a function of its own tensor's current values only (orthogonal and parallel steps
+The cross-tensor checks also run the whole schedule with every gradient 1000x smaller
+(SMALL_GRADS), as a trained network's are: a statistic that normalizes by them (a variance over
+all tensors) is then small and what it scales shows. A gradient is a function of its own
+tensor's current values only (orthogonal and parallel steps
 read the weight), so scaling one tensor's gradient or leaving it out cannot move another tensor's
 gradient: only the class can couple them. Pure torch: must not import torch.distributed.
 """
@@ -24,7 +27,18 @@ from typing import Literal
 
 import torch
 
-__all__ = ["GRAD_SCHEDULE", "MATRIX_SHAPES", "SHAPES", "Case", "join", "make_case", "piece_counts", "split"]
+__all__ = [
+    "GRAD_SCHEDULE",
+    "SMALL_GRADS",
+    "MATRIX_SHAPES",
+    "SHAPES",
+    "Case",
+    "join",
+    "make_case",
+    "piece_counts",
+    "scaled",
+    "split",
+]
 
 #: Shapes probed by default: a weight, a bias (not divisible by 2 or 3) and another weight.
 #: NOTE: both sides of the first weight are >= 16, where size-triggered behaviour such as timm's
@@ -54,6 +68,8 @@ GRAD_SCHEDULE: tuple[tuple[float, Direction], ...] = (
     (1e-4, "random"),
     (1.0, "random"),
 )
+#: The cross-tensor checks are repeated with all gradients scaled by this.
+SMALL_GRADS = 1e-3
 _SEED = 1234
 
 
@@ -89,6 +105,11 @@ class Case:
         if not math.isfinite(g_norm) or g_norm == 0.0:
             return raw * scale
         return g * (float(raw.norm()) / g_norm * scale)
+
+
+def scaled(case: Case, factor: float) -> Case:
+    """The same case with every gradient `factor` times as large (the same initial tensors)."""
+    return Case(inits=case.inits, directions=[[d * factor for d in step] for step in case.directions])
 
 
 def make_case(shapes: Sequence[tuple[int, ...]]) -> Case:
