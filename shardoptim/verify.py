@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from shardoptim.kinds import SHARDING_MODES
 from shardoptim.verify_ranks import LAYOUT_ORDER, LBFGS_RTOL, Spec, Verdict, rank_main, resolve
 
 __all__ = ["LBFGS_RTOL", "LayoutRun", "ParamReport", "VerifyResult", "verify"]
@@ -179,6 +180,8 @@ def verify(
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if sharding not in SHARDING_MODES:
+        raise ValueError(f"sharding must be one of {SHARDING_MODES}, got {sharding!r}")
     out_dir = tempfile.mkdtemp(prefix="shardoptim_verify_")
     spec = Spec(
         optimizer_class=optimizer_class,
@@ -226,8 +229,11 @@ def _spawn_and_wait(spec: Spec, world_size: int, *, deadline_s: float) -> None:
     for p in procs:
         p.start()
     end = time.monotonic() + deadline_s
-    for p in procs:
-        p.join(timeout=max(0.0, end - time.monotonic()))
+    # NOTE: poll, so that a rank that failed does not leave the others waiting in a collective.
+    while time.monotonic() < end and any(p.is_alive() for p in procs):
+        if any(p.exitcode not in (None, 0) for p in procs):
+            break
+        time.sleep(0.05)
     stuck = [rank for rank, p in enumerate(procs) if p.is_alive()]
     for p in procs:
         if p.is_alive():

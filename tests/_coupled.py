@@ -163,3 +163,13 @@ def max_rel_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 def loss_x10(net: torch.nn.Module) -> torch.Tensor:
     """The issue's reproduction: the full-batch MSE x10."""
     return loss(net) * 10.0
+
+
+class FailsAtStep3(torch.optim.SGD):
+    """SGD that raises at its third step (for verify's failure path)."""
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 3:
+            raise RuntimeError("FailsAtStep3 fails on purpose")
+        return super().step(closure)

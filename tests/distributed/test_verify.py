@@ -9,6 +9,7 @@ when installed). verify spawns its own ranks (about 5-10 s per call).
 from __future__ import annotations
 
 import importlib.util
+import time
 
 import pytest
 import torch
@@ -80,3 +81,14 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
         main(["torch.optim:AdamW", "--model", _MODEL, "--loss", _LOSS, "--opt", "not an option"])
     with pytest.raises(ValueError, match="world_size must be an int >= 1"):
         shardoptim.verify(torch.optim.AdamW, _MODEL, _LOSS, world_size=0)
+    with pytest.raises(ValueError, match="sharding must be one of"):
+        shardoptim.verify(torch.optim.AdamW, _MODEL, _LOSS, sharding="rows")
+
+
+def test_verify_reports_a_failing_rank_without_waiting_for_the_timeout() -> None:
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"(?s)a rank failed.*FailsAtStep3 fails on purpose"):
+        shardoptim.verify(
+            _coupled.FailsAtStep3, _MODEL, _LOSS, steps=4, sharding="tensor", lr=0.1, timeout_s=120
+        )
+    assert time.monotonic() - start < 60, "the other rank was left waiting for the collective timeout"
