@@ -662,13 +662,17 @@ def _layout_of(result: dict[str, Any]) -> str:
 
 
 def layout_counts(all_rows: dict[int, dict[int, _Row]], scales: list[float]) -> list[str]:
-    """One row per world size: how many runnable classes got each layout (at the first scale)."""
+    """One row per world size: how many classes got each layout (at the first scale).
+
+    Counted as in --layouts-only: every class whose plain run works (finite results), skipped ones not.
+    """
     lines = ["| world size | " + " | ".join(LAYOUTS) + " |", "|---" * (len(LAYOUTS) + 1) + "|"]
     for world_size, rows in all_rows.items():
         counts = dict.fromkeys(LAYOUTS, 0)
         for row in rows.values():
             result = row.results[str(scales[0])]
-            if result["status"] not in ("SKIPPED",) and PLAIN_FAILS not in result["msg"]:
+            plain_broken = result["status"] == "ERROR" and "plain class" in result["msg"]
+            if result["status"] != "SKIPPED" and not plain_broken:
                 counts[_layout_of(result)] += 1
         lines.append(f"| {world_size} | " + " | ".join(str(counts[k]) for k in LAYOUTS) + " |")
     return lines
@@ -684,8 +688,8 @@ def layouts_only(only: str | None) -> int:
         if entry.cls is None:
             continue
         found = _oracle(entry, 1.0)
-        if isinstance(found, str):
-            continue  # the plain class does not run: not counted, as in the sweep
+        if isinstance(found, str) or not all(bool(torch.isfinite(t).all()) for t in found[2]):
+            continue  # the plain class does not run (or gives non-finite values): not counted, as in the sweep
         param_layout = found[0]
         try:
             opt = ShardedOptimizer(_params_for(_make_model(), param_layout), entry.cls, **entry.kwargs)
