@@ -78,3 +78,15 @@ def test_exact_or_refused(pool_for: Callable[[int], RankPool], world_size: int) 
     assert {layouts[f"{n} x1"] for n in ("SGDPLike", "DelayedTrustRatio", "ClipPerTensor")} == {"tensor"}, (
         layouts
     )
+
+
+def _check_replicated_choice(rank: int, world_size: int) -> dict[str, Any]:
+    return {name: _run(name, 10.0, "replicated") for name in ("GlobalClip", "SGDPLike")}
+
+
+def test_replicated_as_a_user_choice(pool_for: Callable[[int], RankPool]) -> None:
+    """sharding="replicated": the user says the class couples tensors; exact at 2 ranks."""
+    for rank, per_case in enumerate(pool_for(2).run(_check_replicated_choice)):
+        for name, r in per_case.items():
+            assert r["layout"] == "replicated" and r["replicas_equal"], f"rank {rank} {name}: {r}"
+            assert r["diff"] == 0.0, f"rank {rank} {name}: differs by {r['diff']:.3g}"
