@@ -4,14 +4,15 @@
 float32 tensors (a 20x17 weight, a 7-element bias, a 6x5 weight) through the gradient schedule of
 shardoptim.probe_case: 16 steps of random gradients at three magnitudes, gradients orthogonal and
 parallel to the weights, more steps than a typical warm-up, then a spike of 4 orders of magnitude
-up and one down (median 29 ms on CPU over 226 catalog classes, 90% under 50 ms; before these
-conditions, 3 steps took a median of 6 ms: benchmarks/probe_time.py). Then it
+up and one down; the cross-tensor checks run again with gradients 1000x smaller (median 43 ms
+on the 2-core CPU machine over 226 catalog classes, 90% under 67 ms, the slowest 6.9 s; the
+earlier 3-step probe took a median of 6 ms: benchmarks/probe_time.py). Then it
 compares runs:
 
 - perturbed / subset: the first tensor's gradient scaled, or the first tensor left out. If another
-  tensor's trajectory, scalar state, or a param_group value written by step() moves, the class
-  couples tensors ("global": a global norm, a mean over all parameters, an adaptive step size, a
-  global clip or spike guard that acts only above a threshold).
+  tensor's trajectory or scalar state moves by even one bit, or a param_group value written by
+  step() moves, the class couples tensors ("global": a global norm, a mean over all parameters,
+  an adaptive step size, a global clip or spike guard that acts only above a threshold).
 - split: every tensor flattened and cut into 2-3 unequal contiguous 1-D pieces, each its own
   parameter, with the same gradient values. The same trajectory (bitwise, or within a few units
   in the last place), state tensors only of the parameter's shape, and every piece's scalar state
@@ -32,7 +33,8 @@ after more than 12 steps (a long warm-up, a preconditioner refreshed every 100 s
 threshold beyond a 1e4 spike of gradients of norm about 1-30, by a tensor's size (beyond 20
 elements per dimension), dtype, device, or a condition on several tensors at once (their
 gradients all orthogonal, say, or a per-layer schedule); coupling through state kept outside
-`optimizer.state` and `param_groups`. Such a state is seen only when it is kept (e.g. a
+`optimizer.state` and `param_groups`; a coupling whose effect stays below float32 resolution on
+these tensors (pytorch_optimizer's Ranger21: shardoptim.allowlist.KNOWN_COUPLED). Such a state is seen only when it is kept (e.g. a
 preconditioner object); `shardoptim.verify` checks a class on the user's own model, and explicit
 registrations stay the final word. The probe leaves every global generator as it found it and
 never touches CUDA. Pure torch: must not import torch.distributed or shardoptim.optimizer.
