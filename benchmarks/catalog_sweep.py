@@ -5,14 +5,18 @@ prodigyopt, dadaptation and lion_pytorch: the `test` extra plus `pip install tim
 
     OMP_NUM_THREADS=1 python3 benchmarks/catalog_sweep.py --out /tmp/sweep.md
     OMP_NUM_THREADS=1 python3 benchmarks/catalog_sweep.py --world-sizes 2 --only lamb --grad-scale 10
+    OMP_NUM_THREADS=1 python3 benchmarks/catalog_sweep.py --layouts-only   # layout counts, one process
 
 Catalogs: every name of timm.optim.list_optimizers() (the class and the defaults timm's
 create_optimizer_v2 binds to the name, with timm's momentum=0.9 and weight_decay=0), every name of
 pytorch_optimizer.get_supported_optimizers(), every schedulefree class, prodigyopt.Prodigy, every
 dadaptation class and lion_pytorch.Lion. Each is tried as a new user would: default hyperparameters
-(only the arguments a class requires: lr=1e-3, num_iterations=5, num_data=32), a small MLP with a
-LayerNorm (Linear(8,16) -> LayerNorm(16) -> Tanh -> Linear(16,4)), 5 steps on one fixed full batch,
-so every rank computes the same gradients (what DDP's averaged gradients would be). A class that
+(only the arguments a class requires: lr=1e-3, num_iterations=12, num_data=32) on adversarial data
+(issue 21): a small MLP whose first weight is scale-invariant (Linear(16,33, bias=False) ->
+LayerNorm(33) -> Tanh -> Linear(33,7): its gradient is orthogonal to it, which triggers SGDP/AdamP's
+projection), 12 steps (more than a typical warm-up) on one fixed full batch, the loss of step 6
+scaled by 1e3 (a gradient spike) and that of step 8 by 1e-3 (a drop), so every rank computes the
+same gradients (what DDP's averaged gradients would be). A class that
 raises without a closure gets one; one whose step needs a Hessian (autograd.grad of the gradients)
 gets `backward(create_graph=True)`; one that rejects model.parameters() gets the groups its docs
 ask for (pytorch_optimizer's Muon family: use_muon=True for the 2-D weights, False for the rest),
@@ -33,14 +37,20 @@ weights drifted from the others is caught too. Per class and run it prints the l
   HANG      a collective timed out (--class-timeout) or a rank stopped making progress
   SKIPPED   the class needs CUDA (bitsandbytes, apex), takes a model or wraps another optimizer
 and then a summary table per world size and gradient scale (--grad-scale 10: 10x larger gradients,
-above the default clip thresholds).
+above the default clip thresholds), and the count of each layout chosen.
+
+--layouts-only builds each class once in this process (world size 1, no process group; the layout
+does not depend on the world size) and prints only the layout counts (flat / tensor / replicated /
+lbfgs / refused): run this script from another checkout's benchmarks/ folder to count that
+checkout's choices (it imports the shardoptim next to it), e.g. an older commit for "before".
 
 One spawn per world size runs every class in a loop (gloo, FileStore). Each class runs in a process
 group of its own (timeout --class-timeout seconds), recreated after any failure inside a step, so a
 rank left behind in a collective cannot pair up with the next class's collectives; a rank that stops
 reporting is killed by the parent, the class recorded as HANG, and the loop restarts after it.
-Measured on the shared 2-core machine: 32 s at world size 1, 78 s at 2, 290 s at 3 at a load
-average of 3-7; 81, 217 and 388 s at 8-12 (the collectives wait for time slices).
+Measured on the shared 2-core machine (adversarial data, 12 steps, grads x1 and x10): 153 s at
+world size 1, 168 s at 2, 187 s at 3 at a load average of 4-10 (the collectives wait for time
+slices); --layouts-only about 2 minutes.
 """
 
 from __future__ import annotations
@@ -79,7 +89,9 @@ import torch.distributed as dist  # noqa: E402
 import torch.optim.optimizer as torch_optimizer_module  # noqa: E402
 from torch import nn  # noqa: E402
 
-STEPS = 5
+STEPS = 12
+#: step -> loss factor: a spike of 3 orders of magnitude mid-run, then a drop of 3 orders.
+SPIKES: dict[int, float] = {6: 1e3, 8: 1e-3}
 RTOL = 1e-6
 #: The sharded LBFGS sums its dot products in another order than torch's (per-rank partial sums,
 #: then an all-reduce); over 5 steps of up to 20 inner iterations in float32 that reaches ~1e-3
@@ -262,12 +274,13 @@ def _params_for(model: nn.Module, layout: str) -> list[Any]:
 
 def _make_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 4))
+    # NOTE: no bias before the LayerNorm, so the first weight is exactly scale-invariant.
+    return nn.Sequential(nn.Linear(16, 33, bias=False), nn.LayerNorm(33), nn.Tanh(), nn.Linear(33, 7))
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
-    return torch.randn(BATCH, 8, generator=gen), torch.randn(BATCH, 4, generator=gen)
+    return torch.randn(BATCH, 16, generator=gen), torch.randn(BATCH, 7, generator=gen)
 
 
 def _has_modes(obj: Any) -> bool:
@@ -276,15 +289,17 @@ def _has_modes(obj: Any) -> bool:
 
 
 def _train(model: nn.Module, opt: Any, *, mode: Mode, scale: float, modes_target: Any) -> None:
-    """Run STEPS steps on the fixed batch; call train()/eval() on `modes_target` when given."""
+    """Run STEPS steps on the fixed batch (SPIKES scale some); call train()/eval() on `modes_target` when given."""
     x, y = _data()
+    factor = [scale]
 
     def loss_fn() -> torch.Tensor:
-        return ((model(x) - y) ** 2).mean() * scale
+        return ((model(x) - y) ** 2).mean() * factor[0]
 
     if modes_target is not None:
         modes_target.train()
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        factor[0] = scale * SPIKES.get(step, 1.0)
         if mode.closure:
 
             def closure() -> torch.Tensor:
@@ -638,6 +653,60 @@ def summary(all_rows: dict[int, dict[int, _Row]], scales: list[float]) -> list[s
     return lines
 
 
+LAYOUTS = ("flat", "tensor", "replicated", "lbfgs", "refused", "other")
+
+
+def _layout_of(result: dict[str, Any]) -> str:
+    if result["status"] == "REFUSED":
+        return "refused"
+    return result["layout"] if result["layout"] in LAYOUTS else "other"
+
+
+def layout_counts(all_rows: dict[int, dict[int, _Row]], scales: list[float]) -> list[str]:
+    """One row per world size: how many classes got each layout (at the first scale).
+
+    Counted as in --layouts-only: every class whose plain run works (finite results), skipped ones not.
+    """
+    lines = ["| world size | " + " | ".join(LAYOUTS) + " |", "|---" * (len(LAYOUTS) + 1) + "|"]
+    for world_size, rows in all_rows.items():
+        counts = dict.fromkeys(LAYOUTS, 0)
+        for row in rows.values():
+            result = row.results[str(scales[0])]
+            plain_broken = result["status"] == "ERROR" and "plain class" in result["msg"]
+            if result["status"] != "SKIPPED" and not plain_broken:
+                counts[_layout_of(result)] += 1
+        lines.append(f"| {world_size} | " + " | ".join(str(counts[k]) for k in LAYOUTS) + " |")
+    return lines
+
+
+def layouts_only(only: str | None) -> int:
+    """Build every runnable class once in this process (world size 1); print the layout counts."""
+    from shardoptim import ShardedOptimizer
+
+    _quiet()
+    counts = dict.fromkeys(LAYOUTS, 0)
+    for entry in build_catalog(only):
+        if entry.cls is None:
+            continue
+        found = _oracle(entry, 1.0)
+        if isinstance(found, str) or not all(bool(torch.isfinite(t).all()) for t in found[2]):
+            continue  # the plain class does not run (or gives non-finite values): not counted, as in the sweep
+        param_layout = found[0]
+        try:
+            opt = ShardedOptimizer(_params_for(_make_model(), param_layout), entry.cls, **entry.kwargs)
+            layout = str(opt.sharding) if str(opt.sharding) in LAYOUTS else "other"
+        except Exception as err:  # noqa: BLE001 - recorded
+            layout = "refused" if _is_refusal(err) else "other"
+        counts[layout] += 1
+        print(f"{entry.name:44s} {layout}", flush=True)
+    import shardoptim
+
+    print(f"\nlayouts chosen by {Path(shardoptim.__file__).parent} over {sum(counts.values())} runnable classes:")
+    print("| " + " | ".join(LAYOUTS) + " |\n" + "|---" * len(LAYOUTS) + "|")
+    print("| " + " | ".join(str(counts[k]) for k in LAYOUTS) + " |")
+    return 0
+
+
 def details(all_rows: dict[int, dict[int, _Row]], scales: list[float]) -> list[str]:
     lines = []
     for world_size, rows in all_rows.items():
@@ -671,7 +740,12 @@ def main(argv: list[str] | None = None) -> int:
         "--class-timeout", type=float, default=20.0, help="collective timeout per class, seconds"
     )
     parser.add_argument("--out", default=None, help="write the tables to this markdown file")
+    parser.add_argument(
+        "--layouts-only", action="store_true", help="only count the layouts chosen (one process, no steps compared)"
+    )
     args = parser.parse_args(argv)
+    if args.layouts_only:
+        return layouts_only(args.only)
     world_sizes = [int(w) for w in args.world_sizes.split(",") if w]
     scales = [float(s) for s in args.grad_scale.split(",") if s]
     started = time.monotonic()
@@ -680,11 +754,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         all_rows[world_size] = sweep_world_size(world_size, args, scales)
         print(f"# world size {world_size}: {time.monotonic() - t0:.0f} s", flush=True)
-    table = summary(all_rows, scales)
+    table = summary(all_rows, scales) + ["", *layout_counts(all_rows, scales)]
     print("\n".join(["", *table]))
     print(f"\n# total {time.monotonic() - started:.0f} s")
     if args.out:
-        text = ["# Catalog sweep", "", f"torch {torch.__version__}, {STEPS} steps, rtol {RTOL:g}", "", *table]
+        head = f"torch {torch.__version__}, {STEPS} steps (loss x factor at steps {SPIKES}), rtol {RTOL:g}"
+        text = ["# Catalog sweep", "", head, "", *table]
         text += details(all_rows, scales)
         Path(args.out).write_text("\n".join(text) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")

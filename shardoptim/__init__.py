@@ -15,6 +15,7 @@ from shardoptim.hybrid import HybridGroups, hybrid_groups
 from shardoptim.kinds import register_elementwise, register_per_tensor
 from shardoptim.launcher import DistInfo, init_distributed
 from shardoptim.optimizer import DEFAULT_BUCKET_NUMEL, ShardedOptimizer
+from shardoptim.verify import VerifyResult, verify
 
 if TYPE_CHECKING:
     from shardoptim import checkpoint  # a module: shardoptim.checkpoint.save/load
@@ -26,12 +27,14 @@ __all__ = [
     "HybridGroups",
     "ShardedGradScaler",
     "ShardedOptimizer",
+    "VerifyResult",
     "all_reduce_metric",
     "checkpoint",
     "hybrid_groups",
     "init_distributed",
     "register_elementwise",
     "register_per_tensor",
+    "verify",
 ]
 __version__ = "0.1.0"
 

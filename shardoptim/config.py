@@ -36,7 +36,8 @@ class ShardConfig:
     parameters_as_bucket_view: bool = False
     """True: parameters are views into the flat buckets; False: each keeps its own storage."""
     sharding: str = "auto"
-    """Partitioning: "flat" element ranges, "tensor" whole tensors, "auto" per optimizer class."""
+    """Partitioning: "flat" element ranges, "tensor" whole tensors, "replicated" unsharded on every
+    rank, "auto" per optimizer class (flat only for classes known elementwise)."""
     hparam_sync: str = "broadcast"
     """Make group options equal to rank 0's before each step ("broadcast"), raise ("check"), or trust."""
     bucket_numel: int = DEFAULT_BUCKET_NUMEL

@@ -32,10 +32,9 @@ from shardoptim.hparams import (
 from shardoptim.hybrid import Replicas, resolve_groups
 from shardoptim.kinds import (
     Kind,
-    is_registered,
-    kind_from_verdict,
+    check_new_group,
+    choose_kind,
     resolve_impl_flags,
-    resolve_kind,
     tensor_cost,
 )
 from shardoptim.layout import Layout
@@ -43,7 +42,7 @@ from shardoptim.master import MASTER_KEY, MasterShards
 from shardoptim.owned_grads import OwnedGrads
 from shardoptim.params import as_param_groups, probe_complex_support, validate_new_params, validate_params
 from shardoptim.pieces import Bucket, Piece, place_params
-from shardoptim.probe import ProbeVerdict, probe_update_kind
+from shardoptim.probe import ProbeVerdict
 from shardoptim.replicated import whole_pieces
 from shardoptim.stepping import Stepping
 from shardoptim.storage import ParamStorage
@@ -73,7 +72,9 @@ class ShardedOptimizer(Stepping, Optimizer):
         overlap_with_ddp: accepted for ZeroRedundancyOptimizer's signature; True is refused (use
             stage=2, which overlaps the gradient reduction with backward without DDP).
         sharding: "flat" cuts buckets into equal element ranges (for elementwise optimizers),
-            "tensor" gives each parameter whole to one rank, "auto" picks per class (see
+            "tensor" gives each parameter whole to one rank, "replicated" runs the class unsharded
+            on every rank (for updates that couple tensors), "auto" picks per class: flat only
+            for classes known elementwise, else the probe picks tensor or replicated (see
             shardoptim.kinds).
         hparam_sync: "broadcast" (default) makes every group's numeric options equal to rank 0's
             before each step; "check" raises if they differ; "off" trusts the user.
@@ -140,29 +141,33 @@ class ShardedOptimizer(Stepping, Optimizer):
             comm_backend=comm_backend,
             entry_timeout_s=entry_timeout_s,
         )
-        self._kind: Kind = resolve_kind(optimizer_class, sharding)
-        #: What probing the base class found (None for classes of known kind, or a forced sharding).
-        self.probe_verdict: ProbeVerdict | None = None
-        if sharding == "auto" and not is_registered(optimizer_class):
-            self.probe_verdict = probe_update_kind(optimizer_class, defaults)
-            self._kind = kind_from_verdict(self.probe_verdict)
+        groups = as_param_groups(params)
+        choice = choose_kind(optimizer_class, sharding, defaults, groups)
+        self._kind: Kind = choice.kind
+        #: What probing the base class found: the verdict that decided the layout (None for classes
+        #: of known kind, or a sharding the user chose); `probe_verdicts`: one per distinct group.
+        self.probe_verdict: ProbeVerdict | None = choice.deciding
+        self.probe_verdicts: tuple[ProbeVerdict, ...] = choice.verdicts
+        self._probe_defaults = dict(defaults)  # the constructor's options, to probe added groups with
+        if self.probe_verdict is not None:
             logger.info(
-                "probed %s: %s -> sharding %r (declare it with shardoptim.register_elementwise or "
+                "probed %s at %d distinct group option set(s): %s -> sharding %r (a class of unknown kind gets "
+                "whole tensors at most; declare it with shardoptim.register_elementwise for flat balance, or "
                 "register_per_tensor to skip the probe)",
                 optimizer_class.__name__,
+                len(self.probe_verdicts),
                 self.probe_verdict.reason,
                 self._kind,
             )
-        self._uses_rng = self.probe_verdict is not None and self.probe_verdict.uses_rng
+        self._uses_rng = any(v.uses_rng for v in self.probe_verdicts)
         #: Why the class runs unsharded on every rank ("" unless sharding is "replicated").
-        self.replication_reason = self.probe_verdict.reason if self._kind == "replicated" and self.probe_verdict else ""
+        self.replication_reason = choice.reason if self._kind == "replicated" else ""
         self._check_supported(optimizer_class)
         self._num_steps = 0
         #: Steps skipped because a gradient held an inf or nan (skip_nonfinite=True).
         self.num_skipped_steps = 0
         #: Whether the last step() was skipped for an inf or nan gradient.
         self.last_step_skipped = False
-        groups = as_param_groups(params)
         if self._kind == "lbfgs" and len(groups) != 1:
             raise ValueError(
                 f"torch.optim.LBFGS supports one param group, got {len(groups)}; pass the parameters as one "
@@ -364,7 +369,7 @@ class ShardedOptimizer(Stepping, Optimizer):
     def _log_layout(self) -> None:
         if self._comm.rank != 0:
             return
-        if self._kind == "replicated" and self._comm.world_size > 1:
+        if self._kind == "replicated" and self._comm.world_size > 1 and self.config.sharding != "replicated":
             warnings.warn(
                 f"{self._optimizer_class.__name__} is not sharded: it runs unsharded on every rank with its full "
                 f"state (correct, no memory saving), because {self.replication_reason}. If you know its update is "
@@ -400,7 +405,7 @@ class ShardedOptimizer(Stepping, Optimizer):
 
     @property
     def sharding(self) -> Kind:
-        """How the state is sharded: "flat", "tensor" or "lbfgs"."""
+        """How the state is sharded: "flat", "tensor", "replicated" or "lbfgs"."""
         return self._kind
 
     @property
@@ -435,6 +440,8 @@ class ShardedOptimizer(Stepping, Optimizer):
                 "torch.optim.LBFGS supports one param group; pass every parameter when building the optimizer"
             )
         groups = as_param_groups([param_group])
+        if self.probe_verdicts:
+            check_new_group(self._optimizer_class, self._probe_defaults, groups[0], self._kind)
         new_params = validate_new_params(groups, existing=self._params)
         numel = torch.tensor([len(new_params), sum(p.numel() for p in new_params)], dtype=torch.float64)
         gathered = self._comm.all_gather(numel.to(self._comm.device), what="add_param_group check").cpu()

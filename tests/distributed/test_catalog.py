@@ -11,7 +11,7 @@ One class per cause seen in benchmarks/catalog_sweep.py (the full sweep over the
 - a closure the class requires (pytorch_optimizer's AliG);
 - a Hessian from backward(create_graph=True) read through requires_grad (AdaHessian): exact or
   refused with a message naming the class;
-- an elementwise third-party class (lion_pytorch.Lion), which the probe must shard flat.
+- an elementwise third-party class (lion_pytorch.Lion), flat by the allowlist (shardoptim.allowlist).
 
 Every rank computes the same full-batch gradients (what DDP's averaged gradients are), so the
 reference is the plain class on one process, seeded the same, computed inside each rank. "Exact"
@@ -148,7 +148,7 @@ def test_exact_at_two_ranks(ranks2: Any, name: str, scale: float) -> None:
 
 def test_elementwise_third_party_class_is_sharded_flat(ranks2: Any) -> None:
     results = ranks2.run(_check_matches_plain, name="Lion", scale=1.0)
-    assert results[0]["layout"] == "flat", "the probe should find lion_pytorch.Lion elementwise"
+    assert results[0]["layout"] == "flat", "lion_pytorch.Lion is on the allowlist (shardoptim.allowlist)"
 
 
 def test_rng_class_is_not_sharded_flat(ranks2: Any) -> None:
@@ -228,4 +228,4 @@ def test_schedule_free_train_eval_and_checkpoint(ranks2: Any) -> None:
     assert first["plain_diff"] <= RTOL, (
         f"plain class resumed from the checkpoint differs by {first['plain_diff']:.3g}"
     )
-    assert first["layout"] == "flat", "the probe should find AdamWScheduleFree elementwise"
+    assert first["layout"] == "flat", "AdamWScheduleFree is on the allowlist (shardoptim.allowlist)"

@@ -231,7 +231,7 @@ class _Broken(_Toy):
 @pytest.mark.parametrize(
     ("cls", "update", "kind"),
     [
-        (_Elementwise, "elementwise", "flat"),
+        (_Elementwise, "elementwise", "tensor"),  # a verdict never gives flat
         (_PerTensor, "per_tensor", "tensor"),
         (_ClipsLargeTensors, "per_tensor", "tensor"),
         (_Global, "global", "replicated"),
@@ -280,7 +280,7 @@ def test_group_options() -> None:
     assert elementwise.update == "elementwise", elementwise.reason
     assert probe_update_kind(_Flagged, {"lr": 1e-2}).update == "unknown"
     assert kind_from_verdicts([elementwise, per_tensor]) == "tensor"
-    assert kind_from_verdicts([elementwise]) == "flat"
+    assert kind_from_verdicts([elementwise]) == "tensor"
     assert kind_from_verdicts([elementwise, probe_update_kind(_Global, {"lr": 1e-2})]) == "replicated"
 
 
@@ -355,7 +355,7 @@ def test_torch_adamw_is_elementwise() -> None:
     ):
         verdict = probe_update_kind(torch.optim.AdamW, options)
         assert verdict.update == "elementwise", (options, verdict.reason)
-        assert kind_from_verdict(verdict) == "flat"
+        assert kind_from_verdict(verdict) == "tensor"  # the probe never gives flat; torch.optim.AdamW is flat by registration
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad", "RMSprop", "Rprop", "NAdam", "RAdam"])
