@@ -73,10 +73,14 @@ class Stepping:
     @overload
     def step(self, closure: Callable[[], float], **kwargs: Any) -> float: ...
 
+    # NOTE: never traced by torch.compile: the step talks to other ranks (process groups are opaque
+    # to dynamo) and walks Python lists of pieces. `torch.compile(opt.step)` thus runs it as written.
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def step(self, closure: Callable[[], float] | None = None, **kwargs: Any) -> float | None:
         """Run one optimizer step on every rank: sync options, update the owned shard, gather.
 
-        Collective: call on every rank of the group, in the same order.
+        Collective: call on every rank of the group, in the same order. Under
+        `torch.compile(opt.step)` it runs eagerly (a graph break), with the same results.
 
         Args:
             closure: re-evaluates the model and returns the loss; called exactly once on every
