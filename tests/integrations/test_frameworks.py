@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shlex
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests._subproc import child_env
+from tests._subproc import child_env, run_logged
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -48,21 +45,9 @@ def _torchrun(script: str, out: Path, runs: str) -> str:
     """Start `script --out out --runs runs` under torchrun (2 ranks); return its output or fail the test."""
     cmd = [*TORCHRUN, str(HERE / script), "--out", str(out), "--runs", runs]
     log = out.parent / f"{out.name}_{runs.replace(',', '_')}.log"
-    with log.open("w") as f:
-        proc = subprocess.Popen(
-            cmd, env=_env(), cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun's ranks too
-            proc.wait()
-            pytest.fail(
-                f"{shlex.join(cmd)} did not finish within {TIMEOUT_S:.0f} s:\n{log.read_text()[-20000:]}"
-            )
-    output = log.read_text(errors="replace")
-    if proc.returncode != 0:
-        pytest.fail(f"{shlex.join(cmd)} exited with {proc.returncode}:\n{output[-20000:]}")
+    code, output = run_logged(cmd, log=log, timeout_s=TIMEOUT_S, env=_env())
+    if code != 0:
+        pytest.fail(f"{shlex.join(cmd)} exited with {code}:\n{output[-20000:]}")
     return output
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._subproc import child_env
+from tests._subproc import child_env, run_logged
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -36,20 +36,9 @@ def _env() -> dict[str, str]:
 
 def _run(cmd: list[str], tmp_path: Path) -> str:
     """Run `cmd` from the repository root; return its output, or fail the test with it."""
-    log = tmp_path / "output.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd, env=_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun's ranks too
-            proc.wait()
-            pytest.fail(f"{shlex.join(cmd)} did not finish within {TIMEOUT_S:.0f} s:\n{log.read_text()}")
-    output = log.read_text(errors="replace")
-    if proc.returncode != 0:
-        pytest.fail(f"{shlex.join(cmd)} exited with {proc.returncode}:\n{output}")
+    code, output = run_logged(cmd, log=tmp_path / "output.log", timeout_s=TIMEOUT_S, env=_env())
+    if code != 0:
+        pytest.fail(f"{shlex.join(cmd)} exited with {code}:\n{output}")
     return output
 
 

@@ -11,19 +11,15 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
-from tests._subproc import child_env
+from tests._subproc import run_logged
 
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -33,19 +29,9 @@ _LOSS = re.compile(r"^iter (\d+) loss \S+ exact (\S+)$", re.MULTILINE)
 
 def _run(cmd: list[str], cwd: Path) -> tuple[int, str, float]:
     """Run `cmd`; return (exit code, output, seconds), failing the test if it outlives TIMEOUT_S."""
-    log = cwd / f"output-{time.monotonic_ns()}.log"
     start = time.monotonic()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd, env=child_env(), cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun's ranks too
-            proc.wait()
-            pytest.fail(f"{shlex.join(cmd)} did not finish within {TIMEOUT_S:.0f} s:\n{log.read_text()}")
-    return proc.returncode, log.read_text(errors="replace"), time.monotonic() - start
+    code, output = run_logged(cmd, log=cwd / f"output-{time.monotonic_ns()}.log", timeout_s=TIMEOUT_S, cwd=cwd)
+    return code, output, time.monotonic() - start
 
 
 def _losses(output: str) -> dict[int, str]:

@@ -10,10 +10,8 @@ installed) and the test fails with the output.
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._subproc import child_env
+from tests._subproc import child_env, run_logged
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("_teardown_script.py")
@@ -68,27 +66,12 @@ def _stacks(pid: int) -> str:
 def _run_once(run: int, tmp_path: Path) -> float:
     """Launch the script once; return its wall time, or fail with its output (and stacks on a hang)."""
     cmd = [*TORCHRUN, str(SCRIPT), "--starve-gloo-workers"]
-    log = tmp_path / f"run{run}.log"
     start = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd, env=_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            proc.wait(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            stacks = _stacks(proc.pid)
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun's ranks too
-            proc.wait()
-            pytest.fail(
-                f"run {run + 1} of {NUM_RUNS}: {shlex.join(cmd)} did not exit within {RUN_TIMEOUT_S:.0f} s:\n"
-                f"{log.read_text(errors='replace')}\n--- stacks ---\n{stacks}"
-            )
-    output = log.read_text(errors="replace")
-    if proc.returncode != 0:
-        pytest.fail(
-            f"run {run + 1} of {NUM_RUNS}: {shlex.join(cmd)} exited with {proc.returncode}:\n{output}"
-        )
+    code, output = run_logged(
+        cmd, log=tmp_path / f"run{run}.log", timeout_s=RUN_TIMEOUT_S, env=_env(), on_timeout=_stacks
+    )
+    if code != 0:
+        pytest.fail(f"run {run + 1} of {NUM_RUNS}: {shlex.join(cmd)} exited with {code}:\n{output}")
     for rank in (0, 1):
         assert f"rank {rank}: destroyed the process group" in output, output
     assert "lbfgs: state bytes per rank" in output, output
