@@ -24,6 +24,7 @@ would); the second resumes from out/ddp/ckpt.pt and continues to --iters.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 from pathlib import Path
@@ -69,7 +70,7 @@ def get_lr(it: int, iters: int, peak: float = 3e-3, warmup: int = 4) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * (it - warmup) / max(1, iters - warmup)))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=24)
     p.add_argument("--save-every", type=int, default=8)
@@ -78,16 +79,11 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--batch", type=int, default=8, help="rows per rank")
     p.add_argument("--optimizer", choices=("sharded", "sharded-plain", "plain"), default="sharded")
-    args = p.parse_args()
+    return p.parse_args()
 
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    else:
-        rank, world_size = 0, 1
+
+def train(args: argparse.Namespace, ddp: bool) -> None:
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master_process = rank == 0
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     out = Path(args.out)
@@ -146,7 +142,21 @@ def main() -> None:
         if args.stop_after is not None and iter_num >= args.stop_after:
             break
 
+
+def main() -> None:
+    args = parse_args()
+    ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    train(args, ddp)
+    if ddp:
+        # NOTE: the DDP model is freed (train returned; gc for its reference cycles) before its group
+        # is destroyed. The other way round, the model's last reference to a destroyed gloo group can
+        # join the group's threads while they wait for the GIL: a plain-torch hang at exit that the
+        # "plain" run here hit once. With a ShardedOptimizer the library holds the group until exit.
+        gc.collect()
         dist.destroy_process_group()
 
 
