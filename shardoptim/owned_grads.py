@@ -52,11 +52,12 @@ class OwnedGrads:
     def piece_grads(self, active: Sequence[bool], has_grad: Sequence[bool] | None) -> list[torch.Tensor | None]:
         """Return each local piece's gradient (None: its parameter has none, or its bucket is inactive).
 
-        The same as `piece_grad` for every piece, with the per-piece decisions planned once: the
-        piece of a whole 1-D parameter gets `.grad` itself, of a whole n-D one its flat view.
+        Stage 2: its part of the reduced shard. Stage 1: its part of `.grad` in the parameter's
+        dtype and memory order, with the per-piece decisions planned once: the piece of a whole 1-D
+        parameter gets `.grad` itself, of a whole n-D one its flat view.
         """
         if self._reducer is not None:
-            return [self.piece_grad(p, has_grad) if active[p.bucket] else None for p in self._pieces]
+            return [self._shard_grad(p, has_grad) if active[p.bucket] else None for p in self._pieces]
         if len(self._plan) != len(self._pieces):
             self._plan = [self._plan_piece(p) for p in self._pieces]
         out: list[torch.Tensor | None] = []
@@ -86,25 +87,16 @@ class OwnedGrads:
         if self._reducer is not None:
             self._reducer.flush_()
 
-    def piece_grad(self, piece: Piece, has_grad: Sequence[bool] | None) -> torch.Tensor | None:
-        """Return the gradient of one local piece, in its dtype (None: the parameter has none)."""
-        if self._reducer is not None:
-            assert has_grad is not None
-            shard = self._reducer.shard(piece.bucket)
-            if not has_grad[piece.index] or shard is None:
-                return None
-            owned = shard.narrow(0, piece.start_local, piece.in_param.numel)
-            if not self._whole_tensors:
-                return owned
-            return from_flat(owned, piece.local.shape, memory_perm(self._params[piece.index]))
-        grad = self._params[piece.index].grad
-        if grad is None:
+    def _shard_grad(self, piece: Piece, has_grad: Sequence[bool] | None) -> torch.Tensor | None:
+        """Return the stage-2 gradient of one local piece: its part of the reduced shard (None: none)."""
+        assert self._reducer is not None and has_grad is not None
+        shard = self._reducer.shard(piece.bucket)
+        if not has_grad[piece.index] or shard is None:
             return None
+        owned = shard.narrow(0, piece.start_local, piece.in_param.numel)
         if not self._whole_tensors:
-            # NOTE: in the parameter's memory order, as its flat range (see buffers.memory_perm).
-            flat = to_flat(grad, memory_perm(self._params[piece.index]))
-            grad = flat.narrow(0, piece.in_param.start, piece.in_param.numel)
-        return grad.to(piece.local.dtype)
+            return owned
+        return from_flat(owned, piece.local.shape, memory_perm(self._params[piece.index]))
 
     def owned(self) -> list[torch.Tensor]:
         """Return this rank's gradient pieces (disjoint across ranks, all of them together)."""

@@ -67,6 +67,7 @@ HALF_NBYTES = 4 << 20
 #: One piece of a gather round: (bucket, bounds, start, end, byte offset in the half).
 _Segment = tuple[Segments, Sequence[int], int, int, int]
 _GATHER = "parameter gather (shared memory)"
+_REDUCE = "gradient reduce-scatter (shared memory)"
 #: Gather rounds planned at most (a step over B buckets uses about B + total / HALF_NBYTES rounds).
 _MAX_PLANS = 4096
 
@@ -82,7 +83,6 @@ class _RoundPlan:
     write_dst: list[torch.Tensor] = field(default_factory=list)
     write_src: list[torch.Tensor] = field(default_factory=list)
 
-_REDUCE = "gradient reduce-scatter (shared memory)"
 
 
 class SharedStaging:
@@ -299,14 +299,12 @@ class SharedStaging:
         nbytes = _aligned(tensor.numel() * tensor.element_size())
         if nbytes * self._world_size > self._half_nbytes or not self._ensure(what):
             return False
-        slots = self._next_half()[: nbytes * self._world_size].view(self._world_size, nbytes)
-        flat = tensor.view(-1)
-        numel = flat.numel()
-        slots[self._rank].view(tensor.dtype)[:numel].copy_(flat)
+        slots = self._next_half()[: nbytes * self._world_size].view(self._world_size, nbytes).view(tensor.dtype)
+        numel = tensor.numel()
+        slots[self._rank, :numel].copy_(tensor.reshape(-1))
         self._barrier(what)
-        values = slots.view(tensor.dtype)[:, :numel] if nbytes else slots.view(tensor.dtype)
-        reduced = values.amin(dim=0) if negate else values.amax(dim=0)
-        flat.copy_(reduced)
+        values = slots[:, :numel]
+        tensor.copy_((values.amin(dim=0) if negate else values.amax(dim=0)).view(tensor.shape))
         return True
 
     def reduce_scatter_(

@@ -220,7 +220,7 @@ class Stepping:
 
     def _check_grads(self) -> None:
         """Reject gradients flat sharding cannot slice, on every rank (grads are the same everywhere)."""
-        if self._kind != "flat" or not any([g is not None and g.is_sparse for g in (p.grad for p in self._params)]):
+        if self._kind != "flat":
             return
         for index, param in enumerate(self._params):
             if param.grad is not None and param.grad.is_sparse:

@@ -55,6 +55,23 @@ def _conv_model() -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+def _steps_side_by_side(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    ref: torch.nn.Module,
+    ref_opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    *,
+    steps: int,
+) -> None:
+    """Train `model` with `opt` and its copy `ref` with `ref_opt` on the same input, `steps` steps."""
+    for _ in range(steps):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            m(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+
+
 def _check_channels_last(rank: int, world_size: int, *, path: str) -> list[str]:
     """channels_last weights keep their strides in both storage modes and stages; values match torch's."""
     torch.manual_seed(0)
@@ -70,13 +87,7 @@ def _check_channels_last(rank: int, world_size: int, *, path: str) -> list[str]:
                 model.parameters(), torch.optim.AdamW, stage=stage, parameters_as_bucket_view=as_view, lr=1e-2
             )
             ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-            for _ in range(2):
-                model(x).square().mean().backward()
-                ref(x).square().mean().backward()
-                opt.step()
-                ref_opt.step()
-                opt.zero_grad()
-                ref_opt.zero_grad()
+            _steps_side_by_side(model, opt, ref, ref_opt, x, steps=2)
             where = f"stage {stage}, bucket view {as_view}"
             assert [p.stride() for p in model.parameters()] == strides, where
             for p, q in zip(model.parameters(), ref.parameters()):
@@ -149,13 +160,7 @@ def _check_uneven_ranges_one_call(rank: int, world_size: int) -> dict[str, int]:
     opt._comm.gather_method, opt._comm.mpi_gather, opt._comm.mpi_reduce = "all_gather", False, False
     ref_opt = torch.optim.Adafactor(ref.parameters(), lr=1e-2)
     x = torch.randn(4, 8)
-    for _ in range(2):
-        model(x).square().mean().backward()
-        ref(x).square().mean().backward()
-        opt.step()
-        ref_opt.step()
-        opt.zero_grad()
-        ref_opt.zero_grad()
+    _steps_side_by_side(model, opt, ref, ref_opt, x, steps=2)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q)
     return calls
