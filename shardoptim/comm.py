@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from shardoptim.segments import Segments
 from shardoptim.shm import SharedStaging, same_host
+from shardoptim.sidegroup import host_side_group
 from shardoptim.teardown import hold_until_exit
 
 if TYPE_CHECKING:
@@ -54,6 +55,9 @@ _SMALL_SHM_NBYTES = 64 << 10
 _MAX_KEPT_RANGES = 1024
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
+
+#: The CPU side group of each accelerator-only process group (see `Comm.for_metadata`).
+_SIDE_GROUPS: dict[dist.ProcessGroup, dist.ProcessGroup] = {}
 
 # NOTE: torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single (the old names warn).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -237,9 +241,38 @@ class Comm:
         self._staging: SharedStaging | None = None
         self._mpi: MpiCollectives | None = None
         self._scratches: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        #: Host reads of collective results off the CPU so far (see `to_host`).
-        self.num_host_reads = 0
+        #: Host reads of collective results off the CPU so far (see `to_host`); shared with the
+        #: metadata Comm (`for_metadata`), so one count covers the whole step.
+        self.host_reads = [0]
         self._bounds_to_ranges: dict[int, tuple[Sequence[int], list[int], bool]] = {}
+
+    def for_metadata(self) -> Comm:
+        """Return the Comm for the step's small metadata that the host reads (agreements, flags).
+
+        This Comm itself when its group has a CPU backend (or there is no group); else a Comm over
+        a gloo group of the same ranks (see shardoptim.sidegroup), made once per process group and
+        kept, so reading the agreed values never waits for the accelerator.
+
+        Collective the first time for a group without a CPU backend: call on every rank of the
+        group, in the same order (ShardedOptimizer calls it at construction).
+        """
+        if not self.is_distributed or self.world_size == 1 or "cpu" in self.device_types:
+            return self
+        group = self.group if self.group is not None else dist.group.WORLD
+        assert group is not None
+        side = _SIDE_GROUPS.get(group)
+        if side is None:
+            side = host_side_group(self.group, timeout_s=self.timeout_s())
+            hold_until_exit(side)
+            _SIDE_GROUPS[group] = side
+        meta = Comm(side, timeout=self.timeout, backend_choice="torch")
+        meta.host_reads = self.host_reads
+        if meta.rank != self.rank:
+            raise RuntimeError(
+                f"{self.prefix}the CPU side group numbers this rank {meta.rank}, not {self.rank}: the process "
+                "group's ranks are not in ascending global order; build it from sorted ranks"
+            )
+        return meta
 
     def _resolve_gather_method(self) -> GatherMethod:
         if self.gather_method is None:
@@ -393,10 +426,15 @@ class Comm:
         """
         if tensor.device.type == "cpu":
             return tensor
-        self.num_host_reads += 1
+        self.host_reads[0] += 1
         if tensor.device.type == "meta":
             return torch.zeros(tensor.shape, dtype=tensor.dtype)
         return tensor.cpu()
+
+    @property
+    def num_host_reads(self) -> int:
+        """Host reads of collective results off the CPU so far, this Comm's and its metadata Comm's."""
+        return self.host_reads[0]
 
     def global_rank(self, rank: int) -> int:
         """Return the global rank of `rank` in the shard group."""

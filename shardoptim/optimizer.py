@@ -177,11 +177,13 @@ class ShardedOptimizer(Stepping, Optimizer):
         shard_pg, replicate_pg = resolve_groups(process_group, shard_group, replicate_group, device_mesh)
         self._comm = Comm(shard_pg, backend_choice=self.config.comm_backend)
         self._replicas = Replicas.create(self._comm, replicate_pg)
-        self._hparams = HparamSyncer(self._comm, hparam_sync)
+        # NOTE: the per-step agreements travel on a CPU group, so step() never waits for the GPU.
+        self._meta = self._comm.for_metadata()
+        self._hparams = HparamSyncer(self._meta, hparam_sync)
         self._replica_hparams = (
             None
             if self._replicas is None
-            else HparamSyncer(self._replicas.comm, hparam_sync, source=self._replicas.lead)
+            else HparamSyncer(self._replicas.comm.for_metadata(), hparam_sync, source=self._replicas.lead)
         )
         self._settle_comm_backend()  # before anything touches the parameters
         self._optimizer_class = optimizer_class
@@ -232,7 +234,7 @@ class ShardedOptimizer(Stepping, Optimizer):
                 self.optim = optimizer_class(local_groups, **resolved)
         except Exception as err:
             failure = err
-        self._comm.raise_if_any_failed(failure, what=f"{optimizer_class.__name__} rejected the parameters")
+        self._meta.raise_if_any_failed(failure, what=f"{optimizer_class.__name__} rejected the parameters")
         self._bind_(first_bucket=0)
         for key, value in self.optim.defaults.items():
             self.defaults.setdefault(key, value)
@@ -444,7 +446,7 @@ class ShardedOptimizer(Stepping, Optimizer):
             check_new_group(self._optimizer_class, self._probe_defaults, groups[0], self._kind)
         new_params = validate_new_params(groups, existing=self._params)
         numel = torch.tensor([len(new_params), sum(p.numel() for p in new_params)], dtype=torch.float64)
-        gathered = self._comm.all_gather(numel.to(self._comm.device), what="add_param_group check").cpu()
+        gathered = self._meta.all_gather(numel.to(self._meta.device), what="add_param_group check").cpu()
         if not bool((gathered == gathered[0]).all()):
             raise ValueError(
                 f"{self._comm.prefix}add_param_group got different groups on different ranks "
@@ -461,7 +463,7 @@ class ShardedOptimizer(Stepping, Optimizer):
         except Exception as err:
             failure = err
         try:
-            self._comm.raise_if_any_failed(failure, what="add_param_group")
+            self._meta.raise_if_any_failed(failure, what="add_param_group")
         except Exception:
             placed.restore_(self)  # every rank: as it was before the call
             raise

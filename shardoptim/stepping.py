@@ -47,6 +47,7 @@ class Stepping:
         last_step_skipped: bool
         _kind: Kind
         _comm: Comm
+        _meta: Comm
         _hparams: HparamSyncer
         _replica_hparams: HparamSyncer | None
         _replicas: Replicas | None
@@ -313,8 +314,9 @@ class Stepping:
         stack = contextlib.ExitStack()
         devices = self._devices()
         if self._replicas is not None:  # the lead replica's state at this shard position, then rank 0's
-            stack.enter_context(rank0_rng(self._replicas.comm, devices, src=self._replicas.lead))
-        stack.enter_context(rank0_rng(self._comm, devices))
+            assert self._replica_hparams is not None
+            stack.enter_context(rank0_rng(self._replica_hparams.comm, devices, src=self._replicas.lead))
+        stack.enter_context(rank0_rng(self._meta, devices))
         return stack
 
     def _run_base_step(self, step_kwargs: dict[str, Any]) -> tuple[Any, Exception | None]:
@@ -346,7 +348,7 @@ class Stepping:
         """
         if type(self.optim) in _TORCH_STEPWISE:
             return
-        self._comm.raise_if_any_failed(failure, what=f"{self._optimizer_class.__name__}.step()")
+        self._meta.raise_if_any_failed(failure, what=f"{self._optimizer_class.__name__}.step()")
 
     def _devices(self) -> list[torch.device]:
         return sorted({p.device for p in self._params}, key=str)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +260,23 @@ def test_replicate_group_that_does_not_fit_is_refused_on_every_rank(ranks4: Rank
     out = ranks4.run(_check_bad_grid)
     assert all("replicate_group does not fit the shard groups" in message for message in out), out
     assert all("different shard ranks [0, 1, 0, 1]" in message for message in out), out
+
+
+def _side_groups(rank: int, world_size: int) -> list[float]:
+    """Each shard group makes its CPU side group alone (the other pair never calls), then reduces on it."""
+    from shardoptim.sidegroup import host_side_group
+
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = pairs[rank // 2]
+    if rank // 2 == 1:
+        time.sleep(0.5)  # the pairs create their side groups at different times: no global sync needed
+    side = host_side_group(mine, timeout_s=60)
+    assert dist.get_rank(side) == dist.get_rank(mine) == rank % 2
+    value = torch.tensor([float(rank)])
+    dist.all_reduce(value, group=side)
+    return [value.item()]
+
+
+def test_cpu_side_groups_are_made_by_their_members_only(ranks4: RankPool) -> None:
+    """The metadata side group of an NCCL-only shard group (Comm.for_metadata) needs only its members."""
+    assert ranks4.run(_side_groups) == [[1.0], [1.0], [5.0], [5.0]]

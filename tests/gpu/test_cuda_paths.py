@@ -15,12 +15,13 @@ import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from shardoptim import ShardedGradScaler, ShardedOptimizer, checkpoint
+from shardoptim import ShardedGradScaler, ShardedOptimizer, checkpoint, sidegroup
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device; on a GPU machine run bash tests/gpu/run_all.sh"
@@ -33,7 +34,8 @@ def fake4(request: pytest.FixtureRequest) -> Iterator[str]:
     fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
     dist.init_process_group(request.param, rank=1, world_size=4, store=fake_pg.FakeStore())
     try:
-        yield request.param
+        with mock.patch.object(sidegroup, "HOST_BACKEND", "fake"):  # the CPU side group of a GPU-only group
+            yield request.param
     finally:
         dist.destroy_process_group()
 
@@ -61,10 +63,11 @@ _STEP_CASES: list[dict[str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize("fake4", ["cpu:fake,cuda:fake"], indirect=True)
+@pytest.mark.parametrize("fake4", ["cpu:fake,cuda:fake", "cuda:fake"], indirect=True)
 @pytest.mark.parametrize("case", _STEP_CASES, ids=str)
 def test_step_makes_no_host_sync(fake4: str, case: dict[str, Any]) -> None:
-    """With a CPU backend beside the GPU one (init_distributed's default), step() never syncs."""
+    """step() never syncs: with a CPU backend beside the GPU one (init_distributed's default), and on
+    an NCCL-only group (`init_process_group("nccl")`), whose metadata travels on a CPU side group."""
     kwargs = {k: v for k, v in case.items() if k not in ("clip", "dtype")}
     model = _model(case.get("dtype", torch.float32))
     opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3, **kwargs)
@@ -84,7 +87,7 @@ def test_step_makes_no_host_sync(fake4: str, case: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("fake4", ["cuda:fake"], indirect=True)
 def test_nccl_only_group_reads_once_per_step(fake4: str) -> None:
-    """On an NCCL-only group (init_process_group("nccl"), device meshes) one host read per step, no more."""
+    """skip_nonfinite on an NCCL-only group: one host read per step (the inf/nan flag), no more."""
     model = _model()
     opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, stage=2, lr=1e-3, skip_nonfinite=True)
     assert opt._comm.device == torch.device("cuda", torch.cuda.current_device())
