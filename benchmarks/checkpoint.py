@@ -119,7 +119,7 @@ def _bench_shardoptim(rank: int, world_size: int, *, scale: float, repeats: int,
         out["consolidate"].append(seconds)
         out["extra"].append(extra)
         out["save_full"].append(_timed_extra(save_full)[0])
-        opt._consolidated = None
+        opt.placement.invalidate()
         out["save"].append(_timed_extra(lambda: checkpoint.save(path, opt))[0])
         out["load"].append(_timed_extra(lambda: checkpoint.load(path, opt))[0])
     state_mib = opt.local_state_nbytes() / MiB

@@ -589,7 +589,7 @@ def simulate_rank(
             step_cpu_s.append(time.process_time() - start_cpu)
             opt.zero_grad()
         rank_to_numel = opt.rank_to_numel()
-        layouts: list[Layout] = list(opt._layouts)
+        layouts: list[Layout] = list(opt.placement.layouts)
         num_shards = opt.world_size  # the shard group's size
         if num_shards != (shard_size or world_size) or opt.num_replicas != world_size // num_shards:
             raise RuntimeError(

@@ -22,9 +22,9 @@ OMP_NUM_THREADS=1 and torch.set_num_threads(1) in every rank), one after another
                            rank on one host the buckets are gathered through shared memory ("shm")
     shardoptim bucket_view the same with parameters_as_bucket_view=True: parameters are views into the
                            buckets (no copy-out, no second copy of the parameters)
-    shardoptim broadcast   the same with `opt._comm.gather_method = "broadcast"` (one gloo broadcast
+    shardoptim broadcast   the same with `opt.placement.comm.gather_method = "broadcast"` (one gloo broadcast
                            per rank per bucket: the multi-host gloo path)
-    shardoptim all_gather  the same with `opt._comm.gather_method = "all_gather"` (gloo's all_gather)
+    shardoptim all_gather  the same with `opt.placement.comm.gather_method = "all_gather"` (gloo's all_gather)
     zero default           ZeroRedundancyOptimizer(params, optimizer_class=AdamW)
     zero best              the same with parameters_as_bucket_view=True and fused=True
     shardoptim fused=None  the same with fused=None: AdamW picks its own kernel, as a plain AdamW(params)
@@ -86,6 +86,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: E402
 
 import shardoptim  # noqa: E402
 import shardoptim.optimizer as so_optimizer  # noqa: E402
+from shardoptim.gather_queue import gather_all  # noqa: E402
 
 LR = 1e-3
 WEIGHT_DECAY = 0.1
@@ -164,7 +165,7 @@ def _build(config: str, params: list[torch.nn.Parameter], bucket_numel: int | No
             return shardoptim.ShardedOptimizer(params, torch.optim.AdamW, parameters_as_bucket_view=True, **kw)
         opt = shardoptim.ShardedOptimizer(params, torch.optim.AdamW, **kw)
         if config != "shardoptim":
-            opt._comm.gather_method = config.split()[1]  # force the gloo path to compare against
+            opt.placement.comm.gather_method = config.split()[1]  # force the gloo path to compare against
         return opt
     if config == "zero default":
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kw)
@@ -245,7 +246,7 @@ class _Phases:
 def _instrument(opt: shardoptim.ShardedOptimizer, phases: _Phases) -> None:
     """Time the phases of opt.step() by wrapping what it calls (benchmark only; private names).
 
-    The local update (`opt.optim.step`) and the gather (`opt._comm.gather_bucket_async` and the
+    The local update (`opt.optim.step`) and the gather (`opt.placement.comm.gather_bucket_async` and the
     handles' `wait`) are always timed; the smaller phases only where the hook is found, since the
     library's internals change. What is not wrapped is reported as "other".
     """
@@ -260,14 +261,14 @@ def _instrument(opt: shardoptim.ShardedOptimizer, phases: _Phases) -> None:
         if obj is not None and callable(getattr(obj, attr, None)):
             setattr(obj, attr, phases.wrap(name, getattr(obj, attr)))
     opt.optim.step = phases.wrap("local update", opt.optim.step)  # type: ignore[method-assign]
-    issue = opt._comm.gather_bucket_async
+    issue = opt.placement.comm.gather_bucket_async
 
     def gather_bucket_async(*args: Any, **kwargs: Any) -> Any:
         handle = phases.wrap("gather issue", issue)(*args, **kwargs)
         handle.wait = phases.wrap("gather wait", handle.wait)
         return handle
 
-    opt._comm.gather_bucket_async = gather_bucket_async  # type: ignore[method-assign]
+    opt.placement.comm.gather_bucket_async = gather_bucket_async  # type: ignore[method-assign]
 
 
 def _wall_cpu_sys(fn: Callable[[], Any], *, warmup: int, steps: int) -> tuple[float, float, float]:
@@ -292,17 +293,17 @@ def _profile(opt: shardoptim.ShardedOptimizer, *, warmup: int, steps: int) -> di
     gather everything, as ZeroRedundancyOptimizer does), to compare with the bucketed overlap of
     step(). CPU ms counts every thread of the process (the gloo threads included).
     """
-    active = [True] * len(opt._buckets)
+    active = [True] * len(opt.placement.buckets)
 
     def update_only() -> None:
         with torch.no_grad():
-            opt._attach_grads(active, None)
+            opt._stepper.attach_grads(active, None)
             opt.optim.step()
-            for piece in opt._pieces:
+            for piece in opt.placement.pieces:
                 piece.local.grad = None
 
     def gather_only() -> None:
-        opt._gather_all()  # own storage: into scratch buckets, then copied out into the parameters
+        gather_all(opt.placement)  # own storage: into scratch buckets, then copied out into the parameters
 
     def serial() -> None:
         update_only()
@@ -369,7 +370,7 @@ def _bench_rank(
         "scalar_nbytes": scalars,
         "rss_extra_nbytes": rss_extra,
         "checksum": checksum,
-        "num_buckets": len(opt._buckets) if config.startswith("shardoptim") else None,
+        "num_buckets": len(opt.placement.buckets) if config.startswith("shardoptim") else None,
     }
     if profile:
         result["profile_ms"] = _profile(opt, warmup=warmup, steps=steps)

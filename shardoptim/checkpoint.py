@@ -71,15 +71,15 @@ def _plain(value: Any) -> bool:
 
 def _names(opt: ShardedOptimizer, model: torch.nn.Module | None) -> list[str]:
     if model is None:
-        return [f"p{index}" for index in range(len(opt._params))]
+        return [f"p{index}" for index in range(len(opt.placement.params))]
     id_to_name = {id(p): name for name, p in model.named_parameters()}
-    missing = [i for i, p in enumerate(opt._params) if id(p) not in id_to_name]
+    missing = [i for i, p in enumerate(opt.placement.params) if id(p) not in id_to_name]
     if missing:
         raise ValueError(
             f"optimizer parameters {missing[:5]} are not parameters of the given model; pass the model whose "
             "parameters the optimizer holds, or model=None to key the state by index"
         )
-    return [id_to_name[id(p)] for p in opt._params]
+    return [id_to_name[id(p)] for p in opt.placement.params]
 
 
 def _state_key(name: str, key: str, start: int | None = None) -> str:
@@ -112,8 +112,8 @@ def save(
         raise ValueError(
             "sharded checkpoints of LBFGS are not supported; use consolidate_state_dict() + state_dict()"
         )
-    optimizer._entry.enter("shardoptim.checkpoint.save", lone_rank=0)
-    replicas = optimizer._replicas
+    optimizer.placement.enter("shardoptim.checkpoint.save", lone_rank=0)
+    replicas = optimizer.placement.replicas
     if replicas is None:
         _save(path, optimizer, model=model, extra=extra)
         return
@@ -136,14 +136,14 @@ def _save(
     extra: Mapping[str, Any] | None,
 ) -> None:
     """Write the checkpoint from the shard group. Collective: call on every rank of the shard group."""
-    comm = optimizer._comm
+    comm = optimizer.placement.comm
     final = Path(path)
     partial = final.with_name(final.name + ".partial")
     names = _names(optimizer, model)
     flat = optimizer.sharding == "flat"
     tensors: dict[str, Any] = {}
     manifest: dict[str, dict[str, Any]] = {}
-    for piece in optimizer._pieces:
+    for piece in optimizer.placement.pieces:
         state = optimizer.optim.state.get(piece.local)
         if not state:
             continue
@@ -174,7 +174,7 @@ def _save(
                     merged.setdefault(name, {}).setdefault(key, []).extend(spec)
                 else:
                     merged.setdefault(name, {})[key] = spec
-    id_to_name = {id(p): names[i] for i, p in enumerate(optimizer._params)}
+    id_to_name = {id(p): names[i] for i, p in enumerate(optimizer.placement.params)}
     groups = []
     for index, group in enumerate(optimizer.param_groups):
         kept = {k: v for k, v in group.items() if k != "params" and _plain(v)}
@@ -188,12 +188,12 @@ def _save(
         groups.append(kept)
     meta = {
         "format_version": FORMAT_VERSION,
-        "optimizer_class": optimizer._optimizer_class.__name__,
+        "optimizer_class": optimizer.placement.optimizer_class.__name__,
         "sharding": optimizer.sharding,
         "world_size": comm.world_size,
         "replicas": optimizer.num_replicas,
         "names": names,
-        "shapes": [tuple(p.shape) for p in optimizer._params],
+        "shapes": [tuple(p.shape) for p in optimizer.placement.params],
         # Flat chunks hold a parameter's elements in its memory order (channels_last, ...): the
         # order per parameter name, absent for row-major ones (and in older checkpoints).
         "memory_orders": _memory_orders(optimizer, names),
@@ -337,19 +337,19 @@ def load(
     Returns:
         The saved extras (state dicts for the stateful objects), {} when none were saved.
     """
-    comm = optimizer._comm
-    optimizer._entry.enter("shardoptim.checkpoint.load", lone_rank=0)
+    comm = optimizer.placement.comm
+    optimizer.placement.enter("shardoptim.checkpoint.load", lone_rank=0)
     comm.barrier(what="checkpoint.load (start)")
     where = _resolve(path)
     meta, tensors = _read_meta(where)
-    cls_name = optimizer._optimizer_class.__name__
+    cls_name = optimizer.placement.optimizer_class.__name__
     if meta["optimizer_class"] != cls_name:
         raise ValueError(
             f"checkpoint {where} holds {meta['optimizer_class']} state, but this optimizer is {cls_name}; build the "
             "ShardedOptimizer with the same optimizer class"
         )
     names = _names(optimizer, model)
-    shapes = [tuple(p.shape) for p in optimizer._params]
+    shapes = [tuple(p.shape) for p in optimizer.placement.params]
     saved_shapes = [tuple(s) for s in meta["shapes"]]
     if meta["names"] != names or saved_shapes != shapes:
         raise ValueError(
@@ -383,9 +383,7 @@ def load(
     # them would re-read the rounded weights into the masters).
     load_pieces(optimizer, meta["param_groups"], index_to_values)
     # NOTE: the same on every rank (the metadata is), so state_dict() can still decide without talking.
-    optimizer._has_state = bool(meta["chunks"])
-    optimizer._consolidated = None
-    optimizer._consolidated_to = None
+    optimizer.placement.mark_loaded(bool(meta["chunks"]))
     for key, obj in (extra or {}).items():
         if hasattr(obj, "load_state_dict"):
             obj.load_state_dict(payload[key])
@@ -407,7 +405,7 @@ def _first_difference(
 def _memory_orders(optimizer: ShardedOptimizer, names: list[str]) -> dict[str, list[int]]:
     """Return parameter name -> memory order for the parameters that are not row-major."""
     orders = {}
-    for name, param in zip(names, optimizer._params):
+    for name, param in zip(names, optimizer.placement.params):
         perm = memory_perm(param)
         if perm is not None:
             orders[name] = list(perm)
@@ -431,11 +429,11 @@ def _read_pieces(
     # A parameter laid out otherwise than when saved (channels_last then, row-major now, ...)
     # reads every chunk: its piece is not one range of the saved order.
     index_to_reorder = {
-        piece.index: (_saved_order(meta, names[piece.index]), memory_perm(optimizer._params[piece.index]))
-        for piece in optimizer._pieces
+        piece.index: (_saved_order(meta, names[piece.index]), memory_perm(optimizer.placement.params[piece.index]))
+        for piece in optimizer.placement.pieces
     }
     wanted: dict[str, TensorStorageMetadata] = {}
-    for piece in optimizer._pieces:
+    for piece in optimizer.placement.pieces:
         saved_order, order = index_to_reorder[piece.index]
         for key, spec in meta["chunks"].get(names[piece.index], {}).items():
             if spec == "whole":
@@ -448,7 +446,7 @@ def _read_pieces(
                         wanted[chunk_key] = tensors[chunk_key]
     loaded = _read(where, wanted)
     out: dict[int, dict[str, Any]] = {}
-    for piece in optimizer._pieces:
+    for piece in optimizer.placement.pieces:
         name = names[piece.index]
         values: dict[str, Any] = {}
         for key, spec in meta["chunks"].get(name, {}).items():
@@ -461,7 +459,7 @@ def _read_pieces(
                 values[key] = value
             elif isinstance(spec, list) and saved_order != order:
                 full = torch.cat([loaded[_state_key(name, key, start)] for start, _ in sorted(spec)])
-                shape = optimizer._params[piece.index].shape
+                shape = optimizer.placement.params[piece.index].shape
                 reordered = to_flat(from_flat(full, shape, saved_order), order)
                 values[key] = reordered.narrow(0, piece.in_param.start, piece.in_param.numel).clone()
             elif isinstance(spec, list):
@@ -474,7 +472,7 @@ def _read_pieces(
                         assembled[lo - piece.in_param.start : hi - piece.in_param.start] = chunk[
                             lo - start : hi - start
                         ]
-                values[key] = assembled if flat else assembled.view(optimizer._params[piece.index].shape)
+                values[key] = assembled if flat else assembled.view(optimizer.placement.params[piece.index].shape)
             else:
                 values[key] = spec[1]
         if values:

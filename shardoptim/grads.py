@@ -22,12 +22,16 @@ import contextlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from shardoptim.buffers import memory_perm, to_flat
 from shardoptim.bufpool import BufferPool
 from shardoptim.comm import Comm, PendingReduce
+
+if TYPE_CHECKING:
+    from shardoptim.placement import Placement
 
 #: Reductions allowed in flight before backward waits for the oldest (its full bucket is then
 #: released): bounds gradient memory to the shards plus this many buckets (plus those filling).
@@ -87,17 +91,17 @@ class GradReducer:
 
     Args:
         comm: the shard group.
-        params: the optimizer's list of all parameters (indices below refer to it).
+        placement: the optimizer's placed state; indices below refer to its `params`.
         replicate: the replicate group of hybrid sharding: the shards are averaged across it
             before they are read (see `flush_`); None without replicas.
     """
 
-    def __init__(self, comm: Comm, params: Sequence[torch.Tensor], *, replicate: Comm | None = None) -> None:
+    def __init__(self, comm: Comm, placement: Placement, *, replicate: Comm | None = None) -> None:
         self._comm = comm
         self._replicate = replicate
         self._replica_stale = False
         """Whether a reduction reached the shards since they were last averaged across replicas."""
-        self._params = params
+        self._placement = placement
         self._buckets: list[_GradBucket] = []
         self._slots: dict[int, GradSlot] = {}
         self._id_to_index: dict[int, int] = {}
@@ -138,14 +142,14 @@ class GradReducer:
         for index, slot in slots.items():
             assert slot.bucket == len(self._buckets) - 1, (slot, len(self._buckets))
             self._slots[index] = slot
-            self._id_to_index[id(self._params[index])] = index
-        self.has_grad.extend([False] * (len(self._params) - len(self.has_grad)))
+            self._id_to_index[id(self._placement.params[index])] = index
+        self.has_grad.extend([False] * (len(self._placement.params) - len(self.has_grad)))
         self.hook_trainable_()
 
     def hook_trainable_(self) -> None:
         """Register the gradient hook on every trainable parameter that has none yet."""
         for index in self._slots:
-            param = self._params[index]
+            param = self._placement.params[index]
             if param.requires_grad and index not in self._hooked:
                 param.register_post_accumulate_grad_hook(self._on_grad)  # type: ignore[no-untyped-call]
                 self._hooked.add(index)
@@ -219,13 +223,13 @@ class GradReducer:
         for bucket in self._buckets:
             bucket.seen.clear()
             bucket.launched = False
-            trainable = sum(1 for i in bucket.param_indices if self._params[i].requires_grad)
+            trainable = sum(1 for i in bucket.param_indices if self._placement.params[i].requires_grad)
             bucket.waiting = trainable
             bucket.active = trainable > 0
 
     def _take_grad_(self, bucket: _GradBucket, index: int, slot: GradSlot) -> None:
         """Move parameter `index`'s `.grad` into the bucket being filled (and free it)."""
-        param = self._params[index]
+        param = self._placement.params[index]
         grad = param.grad
         if grad is None:
             return

@@ -175,10 +175,11 @@ class ShardedLBFGS(Optimizer):
         self._shard = shard
         self._comm = shard.comm
         local = self.param_groups[0]["params"]
-        self._device = local[0].device if local else self._comm.device
+        self.device = local[0].device if local else self._comm.device
+        """Where this rank's flat vectors live (its pieces' device)."""
         # NOTE: torch keys LBFGS's global state by its first parameter (load_state_dict casts by it);
         # a rank that owns no element still needs a stable key of its own.
-        self._empty_key = torch.empty(0, device=self._device)
+        self._empty_key = torch.empty(0, device=self.device)
         self._dtype: torch.dtype | None = None
         self.num_reductions = 0
         """All-reduces issued so far (one per batch of scalars)."""
@@ -197,7 +198,8 @@ class ShardedLBFGS(Optimizer):
     # ------------------------------------------------------------------------------- flat pieces
 
     @property
-    def _state_key(self) -> Tensor:
+    def state_key(self) -> Tensor:
+        """The key of the global state in `self.state` (torch's LBFGS: the first parameter)."""
         local: list[Tensor] = self.param_groups[0]["params"]
         return local[0] if local else self._empty_key
 
@@ -227,7 +229,7 @@ class ShardedLBFGS(Optimizer):
             views.append(torch.view_as_real(g).view(-1) if g.is_complex() else g.view(-1))
         dtype = self._flat_dtype()
         if not views:
-            return torch.zeros(0, dtype=dtype, device=self._device)
+            return torch.zeros(0, dtype=dtype, device=self.device)
         return torch.cat([v.to(dtype) for v in views], 0)
 
     def _add_grad(self, step_size: Scalar, update: Tensor) -> None:
@@ -349,7 +351,7 @@ class ShardedLBFGS(Optimizer):
         line_search_fn: str | None = group["line_search_fn"]
         history_size: int = group["history_size"]
 
-        state = self.state[self._state_key]
+        state = self.state[self.state_key]
         state.setdefault("func_evals", 0)
         state.setdefault("n_iter", 0)
 

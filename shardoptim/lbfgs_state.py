@@ -28,13 +28,13 @@ def _flat_slices(opt: ShardedOptimizer, rank: int) -> tuple[list[tuple[int, int]
 
     Pure: the layout is the same on every rank. Complex parameters count twice (real view), as in torch.
     """
-    factors = [2 if p.is_complex() else 1 for p in opt._params]
+    factors = [2 if p.is_complex() else 1 for p in opt.placement.params]
     offsets = [0]
-    for p, factor in zip(opt._params, factors):
+    for p, factor in zip(opt.placement.params, factors):
         offsets.append(offsets[-1] + p.numel() * factor)
     slices = [
         (offsets[s.index] + s.in_param.start * factors[s.index], s.in_param.numel * factors[s.index])
-        for s in opt._layout.local_slices(rank)
+        for s in opt.placement.layouts[0].local_slices(rank)
     ]
     return slices, offsets[-1]
 
@@ -44,9 +44,9 @@ def _gather_vector(opt: ShardedOptimizer, local: Tensor, *, to: int, what: str) 
 
     Collective (point to point into `to`): call on every rank, in the same order.
     """
-    comm = opt._comm
+    comm = opt.placement.comm
     # NOTE: the same device on both ends of every transfer (see state_dict._move).
-    wire = comm.wire_device(opt._params[0].device)
+    wire = comm.wire_device(opt.placement.params[0].device)
     full = torch.empty(_flat_slices(opt, 0)[1], dtype=local.dtype) if comm.rank == to else None
     for rank in range(comm.world_size):
         slices, _ = _flat_slices(opt, rank)
@@ -88,7 +88,7 @@ def consolidate_lbfgs(opt: ShardedOptimizer, *, to: int) -> dict[str, Any] | Non
     """
     optim = opt.optim
     assert isinstance(optim, ShardedLBFGS), type(optim)
-    state = optim.state.get(optim._state_key, {})
+    state = optim.state.get(optim.state_key, {})
     entry: dict[str, Any] = {}
     for key, value in state.items():
         what = f"LBFGS state_dict consolidation ({key!r})"
@@ -98,7 +98,7 @@ def consolidate_lbfgs(opt: ShardedOptimizer, *, to: int) -> dict[str, Any] | Non
             entry[key] = [_gather_vector(opt, v, to=to, what=what) for v in value]
         else:
             entry[key] = _copy_scalar(value)
-    if opt._comm.rank != to:
+    if opt.placement.comm.rank != to:
         return None
     group = {k: copy.deepcopy(v) for k, v in opt.param_groups[0].items() if k != "params"}
     group["params"] = list(range(len(opt.param_groups[0]["params"])))
@@ -141,18 +141,18 @@ def load_lbfgs(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
     assert isinstance(optim, ShardedLBFGS), type(optim)
     saved = groups[0]
     entry: Mapping[str, Any] = state_dict["state"].get(saved["params"][0], {}) if num_params else {}
-    slices, total = _flat_slices(opt, opt._comm.rank)
+    slices, total = _flat_slices(opt, opt.placement.comm.rank)
     local: dict[str, Any] = {}
     for key, value in entry.items():
         if key in VECTOR_KEYS:
-            local[key] = None if value is None else _slice_vector(value, slices, total, optim._device, key)
+            local[key] = None if value is None else _slice_vector(value, slices, total, optim.device, key)
         elif key in HISTORY_KEYS:
-            local[key] = [_slice_vector(v, slices, total, optim._device, key) for v in value]
+            local[key] = [_slice_vector(v, slices, total, optim.device, key) for v in value]
         else:
             local[key] = _copy_scalar(value)
     optim.state = defaultdict(dict)
     if local:
-        optim.state[optim._state_key] = local
+        optim.state[optim.state_key] = local
     options = {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", "param_names")}
     optim.param_groups[0].update(options)
     opt.param_groups[0].update(options)

@@ -1,58 +1,49 @@
 """ShardedOptimizer: any torch.optim optimizer, its state sharded across data-parallel ranks.
 
-The one stateful orchestrator: it normalises the user's parameters, asks layout.py where they go,
-packs them into FlatBuffers, builds the local base optimizer over this rank's pieces, and at every
-step syncs hyperparameters, runs the local update bucket by bucket and gathers each bucket back to
-every rank while the next one is updated.
+A thin torch.optim facade: it normalises the user's parameters and options, picks the sharding
+kind, has a `Placement` (shardoptim.placement) lay the parameters out, builds the local base
+optimizer over this rank's pieces, and hands both to the kind's step strategy
+(shardoptim.step_sharded, step_replicated, step_lbfgs). The modules that read the shards
+(state_dict, checkpoint, replicas) get the Placement from `opt.placement`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import warnings
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from shardoptim.buffers import FlatBuffers, memory_perm, to_flat
 from shardoptim.comm import Comm
 from shardoptim.config import DEFAULT_BUCKET_NUMEL, CommBackend, ShardConfig, Stage
 from shardoptim.entry import EntryCheck
-from shardoptim.grads import GradReducer, GradSlot
-from shardoptim.hparams import (
-    STRUCTURE_KEYS,
-    HparamSync,
-    HparamSyncer,
-)
+from shardoptim.grads import GradReducer
+from shardoptim.hparams import STRUCTURE_KEYS, HparamSync, HparamSyncer
 from shardoptim.hybrid import Replicas, resolve_groups
-from shardoptim.kinds import (
-    Kind,
-    check_new_group,
-    choose_kind,
-    resolve_impl_flags,
-    tensor_cost,
-)
-from shardoptim.layout import Layout
-from shardoptim.master import MASTER_KEY, MasterShards
+from shardoptim.kinds import Kind, check_new_group, choose_kind, resolve_impl_flags
+from shardoptim.master import MASTER_KEY
 from shardoptim.owned_grads import OwnedGrads
 from shardoptim.params import as_param_groups, probe_complex_support, validate_new_params, validate_params
-from shardoptim.pieces import Bucket, Piece, place_params
+from shardoptim.placement import Placement
 from shardoptim.probe import ProbeVerdict
-from shardoptim.replicated import whole_pieces
-from shardoptim.stepping import Stepping
-from shardoptim.storage import ParamStorage
+from shardoptim.step_lbfgs import LBFGSStep, PlacementShardAccess
+from shardoptim.step_replicated import ReplicatedStep
+from shardoptim.step_sharded import ShardedStep
+from shardoptim.stepping import StepContext, StepSkeleton
 
 __all__ = ["DEFAULT_BUCKET_NUMEL", "ShardedOptimizer"]
 
 logger = logging.getLogger(__name__)
 
 
-class ShardedOptimizer(Stepping, Optimizer):
+class ShardedOptimizer(Optimizer):
     """Shard the state of any torch.optim optimizer across the ranks of a process group.
 
     Every rank keeps identical full parameters; each rank keeps optimizer state only for the part
@@ -159,15 +150,10 @@ class ShardedOptimizer(Stepping, Optimizer):
                 self.probe_verdict.reason,
                 self._kind,
             )
-        self._uses_rng = any(v.uses_rng for v in self.probe_verdicts)
+        uses_rng = any(v.uses_rng for v in self.probe_verdicts)
         #: Why the class runs unsharded on every rank ("" unless sharding is "replicated").
         self.replication_reason = choice.reason if self._kind == "replicated" else ""
         self._check_supported(optimizer_class)
-        self._num_steps = 0
-        #: Steps skipped because a gradient held an inf or nan (skip_nonfinite=True).
-        self.num_skipped_steps = 0
-        #: Whether the last step() was skipped for an inf or nan gradient.
-        self.last_step_skipped = False
         if self._kind == "lbfgs" and len(groups) != 1:
             raise ValueError(
                 f"torch.optim.LBFGS supports one param group, got {len(groups)}; pass the parameters as one "
@@ -175,42 +161,19 @@ class ShardedOptimizer(Stepping, Optimizer):
             )
         params_list = validate_params(groups)
         shard_pg, replicate_pg = resolve_groups(process_group, shard_group, replicate_group, device_mesh)
-        self._comm = Comm(shard_pg, backend_choice=self.config.comm_backend)
-        self._replicas = Replicas.create(self._comm, replicate_pg)
+        comm = Comm(shard_pg, backend_choice=self.config.comm_backend)
+        replicas = Replicas.create(comm, replicate_pg)
         # NOTE: the per-step agreements travel on a CPU group, so step() never waits for the GPU.
-        self._meta = self._comm.for_metadata()
-        self._hparams = HparamSyncer(self._meta, hparam_sync)
-        self._replica_hparams = (
-            None
-            if self._replicas is None
-            else HparamSyncer(self._replicas.comm.for_metadata(), hparam_sync, source=self._replicas.lead)
-        )
+        meta = comm.for_metadata()
+        self._comm = comm
         self._settle_comm_backend()  # before anything touches the parameters
-        self._optimizer_class = optimizer_class
-        self._params: list[torch.Tensor] = []
-        self._buckets: list[Bucket] = []
-        self._pieces: list[Piece] = []
-        self._buffers: list[FlatBuffers] = []
-        self._layouts: list[Layout] = []
-        self._tensor_loads = [0.0] * self._comm.world_size
-        self._masters = MasterShards(self.config.master_dtype or torch.float32)
-        replicate = None if self._replicas is None else self._replicas.comm
-        self._reducer = (
-            GradReducer(self._comm, self._params, replicate=replicate) if self.config.stage == 2 else None
+        #: The placed state: parameters, buckets, pieces, layouts, storage, masters (shardoptim.placement).
+        self.placement = Placement(
+            kind=self._kind, comm=comm, meta=meta, replicas=replicas, config=self.config, optimizer_class=optimizer_class
         )
-        # NOTE: replicated: every rank holds every piece; norms and inf/nan checks count rank 0's only.
-        self._norm_pieces: list[Piece] = self._pieces if self._kind != "replicated" else []
-        self._grads = OwnedGrads(
-            self._comm, self._params, self._norm_pieces, self._reducer, whole_tensors=self._kind != "flat"
-        )
-        self._storage = ParamStorage(
-            as_bucket_view=self.config.parameters_as_bucket_view, track_writes=self.config.master_dtype is not None
-        )
-        self._consolidated: dict[str, Any] | None = None
-        self._consolidated_to: int | None = None
-        #: Whether optimizer state may exist on some rank (a step was taken or state was loaded):
-        #: the same on every rank, so state_dict() can decide without communicating.
-        self._has_state = False
+        replicate = None if replicas is None else replicas.comm
+        self._reducer = GradReducer(comm, self.placement, replicate=replicate) if self.config.stage == 2 else None
+        grads = OwnedGrads(comm, self.placement, self._reducer, whole_tensors=self._kind != "flat")
         self._building = True
         resolved = resolve_impl_flags(optimizer_class, defaults, groups)
         #: Implementation flags the wrapper chose itself, with the class's own default: consolidated
@@ -220,35 +183,48 @@ class ShardedOptimizer(Stepping, Optimizer):
             probe_complex_support(optimizer_class, resolved, params_list)
         super().__init__(groups, resolved)
         self._building = False
-        self._warned_full_grads = False
 
-        local_groups = self._place_params_(params_list, list(range(len(self.param_groups))))
+        local_groups = self.placement.place_(params_list, list(range(len(self.param_groups))), self.param_groups)
         self.optim: Optimizer
         failure: Exception | None = None
         try:
             if self._kind == "lbfgs":
                 from shardoptim.lbfgs import ShardedLBFGS
 
-                self.optim = ShardedLBFGS(local_groups, shard=_ShardAccess(self), **resolved)
+                self.optim = ShardedLBFGS(local_groups, shard=PlacementShardAccess(self.placement), **resolved)
             else:
                 self.optim = optimizer_class(local_groups, **resolved)
         except Exception as err:
             failure = err
-        self._meta.raise_if_any_failed(failure, what=f"{optimizer_class.__name__} rejected the parameters")
-        self._bind_(first_bucket=0)
+        meta.raise_if_any_failed(failure, what=f"{optimizer_class.__name__} rejected the parameters")
+        self.placement.bind_(0, self._reducer)
         for key, value in self.optim.defaults.items():
             self.defaults.setdefault(key, value)
         for wrapper_group, local_group in zip(self.param_groups, self.optim.param_groups):
             for key, value in local_group.items():
                 if key not in STRUCTURE_KEYS:
                     wrapper_group.setdefault(key, value)
+        ctx = StepContext(
+            placement=self.placement,
+            optim=self.optim,
+            groups=lambda: self.param_groups,
+            hparams=HparamSyncer(meta, hparam_sync),
+            replica_hparams=None
+            if replicas is None
+            else HparamSyncer(replicas.comm.for_metadata(), hparam_sync, source=replicas.lead),
+            grads=grads,
+            reducer=self._reducer,
+            uses_rng=uses_rng,
+            verify=lambda: self.verify_replicas(),
+        )
+        self._stepper: StepSkeleton = _STRATEGIES[self._kind](ctx)
         # NOTE: last, so a construction that failed on some rank never took an entry namespace.
-        self._entry = EntryCheck(
-            self._comm.group,
-            rank=self._comm.rank,
-            world_size=self._comm.world_size,
+        self.placement.entry = EntryCheck(
+            comm.group,
+            rank=comm.rank,
+            world_size=comm.world_size,
             deadline_s=self.config.entry_timeout_s,
-            group_timeout_s=self._comm.timeout_s(),
+            group_timeout_s=comm.timeout_s(),
         )
         self._log_layout()
 
@@ -287,93 +263,12 @@ class ShardedOptimizer(Stepping, Optimizer):
                 "SparseAdam needs sparse gradients, which stage=2 cannot reduce-scatter; use stage=1 with DDP"
             )
 
-    def _bind_(self, first_bucket: int) -> None:
-        """Point the latest placed parameters at their buckets; hook them up for stage 2."""
-        if self._kind == "replicated":
-            return
-        self._storage.attach_(self._buffers[-1], self._params)
-        if self._reducer is None:
-            return
-        for b in range(first_bucket, len(self._buckets)):
-            bucket = self._buckets[b]
-            slots = {
-                index: GradSlot(b, start, self._params[index].numel())
-                for index, start in zip(bucket.param_indices, bucket.starts)
-            }
-            dtype, device = bucket.segments.dtype, bucket.segments.device
-            shard_dtype = self._masters.dtype if self._masters.has(b) else dtype
-            self._reducer.add_bucket(
-                numel=bucket.numel, dtype=dtype, device=device, bounds=bucket.bounds, shard_dtype=shard_dtype, slots=slots
-            )
-
-    # ----------------------------------------------------------------------------------- layout
-
-    def _place_params_(
-        self, new_params: list[torch.Tensor], group_indices: list[int]
-    ) -> list[dict[str, Any]]:
-        """Lay out `new_params`, allocate their buckets and pieces; return the local group dicts.
-
-        The parameters are not yet bound to the buckets (the caller binds them once the local
-        optimizer accepted the groups, so a rejected option leaves the model untouched).
-        """
-        first_index = len(self._params)
-        if self._kind == "replicated":
-            pieces = whole_pieces(new_params, first_index=first_index)
-            self._params.extend(new_params)
-            self._pieces.extend(pieces)
-            if self._comm.rank == 0:
-                self._norm_pieces.extend(pieces)
-            return [
-                {**{k: v for k, v in self.param_groups[g].items() if k not in STRUCTURE_KEYS},
-                 "params": list(self.param_groups[g]["params"])}
-                for g in group_indices
-            ]
-        id_to_group = {
-            id(p): group_index
-            for group_index in group_indices
-            for p in self.param_groups[group_index]["params"]
-        }
-        index_to_group = {first_index + i: id_to_group[id(p)] for i, p in enumerate(new_params)}
-        placed = place_params(
-            new_params,
-            first_index=first_index,
-            first_bucket=len(self._buckets),
-            index_to_group=index_to_group,
-            rank=self._comm.rank,
-            world_size=self._comm.world_size,
-            whole_tensors=self._kind == "tensor",
-            cost=tensor_cost(self._optimizer_class),
-            tensor_loads=self._tensor_loads,
-            bucket_numel=self.config.bucket_numel,
-            masters=self._masters,
-            master_dtype=self.config.master_dtype,
-            full=self.config.parameters_as_bucket_view,
-        )
-        self._layout = placed.layout
-        self._layouts.append(placed.layout)
-        self._params.extend(new_params)
-        self._buffers.append(placed.buffers)
-        self._buckets.extend(placed.buckets)
-        self._pieces.extend(placed.pieces)
-        local_groups = []
-        for group_index in group_indices:
-            wrapper_group = self.param_groups[group_index]
-            locals_ = [
-                piece.local
-                for piece in self._pieces
-                if piece.index >= first_index and index_to_group[piece.index] == group_index
-            ]
-            local_group = {k: v for k, v in wrapper_group.items() if k not in STRUCTURE_KEYS}
-            local_group["params"] = locals_
-            local_groups.append(local_group)
-        return local_groups
-
     def _log_layout(self) -> None:
         if self._comm.rank != 0:
             return
         if self._kind == "replicated" and self._comm.world_size > 1 and self.config.sharding != "replicated":
             warnings.warn(
-                f"{self._optimizer_class.__name__} is not sharded: it runs unsharded on every rank with its full "
+                f"{self.placement.optimizer_class.__name__} is not sharded: it runs unsharded on every rank with its full "
                 f"state (correct, no memory saving), because {self.replication_reason}. If you know its update is "
                 "elementwise or per-tensor, declare it with shardoptim.register_elementwise or "
                 "register_per_tensor",
@@ -385,25 +280,73 @@ class ShardedOptimizer(Stepping, Optimizer):
         total = sum(rank_to_numel)
         logger.info(
             "ShardedOptimizer(%s, %s): %d ranks, %d buckets, %s elements per rank (max), imbalance %.6f",
-            self._optimizer_class.__name__,
+            self.placement.optimizer_class.__name__,
             self._kind,
             self._comm.world_size,
-            len(self._buckets),
+            len(self.placement.buckets),
             f"{max(rank_to_numel):,}",
             max(rank_to_numel) * len(rank_to_numel) / total if total else 1.0,
         )
 
     def rank_to_numel(self) -> list[int]:
         """Return the parameter elements whose state each rank owns (all groups; no communication)."""
-        if self._kind == "replicated":
-            return [sum(p.numel() for p in self._params)] * self._comm.world_size
-        totals = [0] * self._comm.world_size
-        for layout in self._layouts:
-            for rank, numel in enumerate(layout.rank_to_numel()):
-                totals[rank] += numel
-        return totals
+        return self.placement.rank_to_numel()
 
     # ----------------------------------------------------------------------------------- API
+
+    @overload
+    def step(self, closure: None = None, **kwargs: Any) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float], **kwargs: Any) -> float: ...
+
+    # NOTE: never traced by torch.compile: the step talks to other ranks (process groups are opaque
+    # to dynamo) and walks Python lists of pieces. `torch.compile(opt.step)` thus runs it as written.
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def step(self, closure: Callable[[], float] | None = None, **kwargs: Any) -> float | None:
+        """Run one optimizer step on every rank: sync options, update the owned shard, gather.
+
+        Collective: call on every rank of the group, in the same order. Under
+        `torch.compile(opt.step)` it runs eagerly (a graph break), with the same results.
+
+        Args:
+            closure: re-evaluates the model and returns the loss; called exactly once on every
+                rank (with grad enabled) before the update. A base class whose step takes a
+                closure gets one that returns this loss.
+            **kwargs: passed on to the base optimizer's step (as ZeroRedundancyOptimizer does).
+
+        Returns:
+            The closure's loss, or None without a closure. With skip_nonfinite=True a step whose
+            gradients hold an inf or nan changes nothing on any rank; `last_step_skipped` says so.
+        """
+        return self._stepper.step(closure, kwargs)  # type: ignore[no-any-return]
+
+    @property
+    def num_skipped_steps(self) -> int:
+        """Steps skipped because a gradient held an inf or nan (skip_nonfinite=True)."""
+        return self._stepper.record.num_skipped_steps
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last step() was skipped for an inf or nan gradient."""
+        return self._stepper.record.last_step_skipped
+
+    if not TYPE_CHECKING:  # keeps mypy strict about the wrapper's own attributes
+
+        def __getattr__(self, name: str) -> Any:
+            """Forward public methods that only the base class defines (e.g. schedule-free's train/eval).
+
+            `hasattr(opt, "train")` is True exactly when the base optimizer has `train`, as
+            frameworks that call it (Trainer, Accelerate) expect. Collective, as the method runs
+            on this rank's shard and the parameters are then gathered (see
+            StepSkeleton.call_base_method).
+            """
+            optim = self.__dict__.get("optim")
+            stepper = self.__dict__.get("_stepper")
+            method = getattr(type(optim), name, None) if optim is not None and not name.startswith("_") else None
+            if stepper is None or method is None or not callable(method) or hasattr(Optimizer, name):
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            return functools.partial(stepper.call_base_method, name)
 
     @property
     def sharding(self) -> Kind:
@@ -422,12 +365,14 @@ class ShardedOptimizer(Stepping, Optimizer):
     @property
     def num_replicas(self) -> int:
         """Full copies of the state across the replicate group (1 without hybrid sharding)."""
-        return 1 if self._replicas is None else self._replicas.size
+        replicas = self.placement.replicas
+        return 1 if replicas is None else replicas.size
 
     @property
     def replica_rank(self) -> int:
         """This rank's position in its replicate group (0 without hybrid sharding)."""
-        return 0 if self._replicas is None else self._replicas.comm.rank
+        replicas = self.placement.replicas
+        return 0 if replicas is None else replicas.comm.rank
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group on every rank; its parameters get buckets of their own.
@@ -442,11 +387,13 @@ class ShardedOptimizer(Stepping, Optimizer):
                 "torch.optim.LBFGS supports one param group; pass every parameter when building the optimizer"
             )
         groups = as_param_groups([param_group])
+        placement = self.placement
         if self.probe_verdicts:
-            check_new_group(self._optimizer_class, self._probe_defaults, groups[0], self._kind)
-        new_params = validate_new_params(groups, existing=self._params)
+            check_new_group(placement.optimizer_class, self._probe_defaults, groups[0], self._kind)
+        new_params = validate_new_params(groups, existing=placement.params)
+        meta = placement.meta
         numel = torch.tensor([len(new_params), sum(p.numel() for p in new_params)], dtype=torch.float64)
-        gathered = self._meta.all_gather(numel.to(self._meta.device), what="add_param_group check").cpu()
+        gathered = meta.to_host(meta.all_gather(numel.to(meta.device), what="add_param_group check"))
         if not bool((gathered == gathered[0]).all()):
             raise ValueError(
                 f"{self._comm.prefix}add_param_group got different groups on different ranks "
@@ -454,20 +401,23 @@ class ShardedOptimizer(Stepping, Optimizer):
             )
         super().add_param_group(groups[0])
         group_index = len(self.param_groups) - 1
-        first_bucket = len(self._buckets)
-        placed = _Placed.snapshot(self)
+        first_bucket = len(placement.buckets)
+        mark = placement.mark()
         failure: Exception | None = None
         try:
-            local_group = self._place_params_(new_params, [group_index])[0]
+            local_group = placement.place_(new_params, [group_index], self.param_groups)[0]
             self.optim.add_param_group(local_group)
         except Exception as err:
             failure = err
         try:
-            self._meta.raise_if_any_failed(failure, what="add_param_group")
+            meta.raise_if_any_failed(failure, what="add_param_group")
         except Exception:
-            placed.restore_(self)  # every rank: as it was before the call
+            # every rank: as it was before the call
+            placement.restore_(mark)
+            del self.param_groups[group_index:]
+            del self.optim.param_groups[group_index:]
             raise
-        self._bind_(first_bucket=first_bucket)
+        placement.bind_(first_bucket, self._reducer)
         for key, value in self.optim.param_groups[-1].items():
             if key not in STRUCTURE_KEYS:
                 self.param_groups[-1].setdefault(key, value)
@@ -490,11 +440,11 @@ class ShardedOptimizer(Stepping, Optimizer):
                 f"to={to} is not a rank of the group (world size {self._comm.world_size}); pass a rank in 0.."
                 f"{self._comm.world_size - 1} (with hybrid sharding, a rank of the shard group)"
             )
-        lead = self._replicas is None or self._replicas.is_lead
+        replicas = self.placement.replicas
+        lead = replicas is None or replicas.is_lead
         if lead:
-            self._entry.enter("consolidate_state_dict", lone_rank=to)
-        self._consolidated = consolidate(self, to=to) if lead else None
-        self._consolidated_to = to
+            self.placement.enter("consolidate_state_dict", lone_rank=to)
+        self.placement.keep_consolidated(consolidate(self, to=to) if lead else None, to)
 
     def full_state_dict(self, to: int = 0) -> dict[str, Any] | None:
         """Return the full optimizer state on rank `to` and None on every other rank.
@@ -508,7 +458,7 @@ class ShardedOptimizer(Stepping, Optimizer):
                 torch.save({"model": model.state_dict(), "optimizer": sd}, path)
         """
         self.consolidate_state_dict(to=to)
-        return self.state_dict() if self._comm.rank == to and self._consolidated is not None else None
+        return self.state_dict() if self._comm.rank == to and self.placement.consolidated is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         """Return the optimizer state in the base optimizer's own format, without communicating.
@@ -525,21 +475,22 @@ class ShardedOptimizer(Stepping, Optimizer):
         Raises:
             RuntimeError: state exists on several ranks but was not consolidated since the last step.
         """
-        if self._consolidated is not None:
-            return self._consolidated
-        if self._consolidated_to is not None:
+        placement = self.placement
+        if placement.consolidated is not None:
+            return placement.consolidated
+        if placement.consolidated_to is not None:
             return {}
-        if not self._has_state:
+        if not placement.has_state:
             from shardoptim.state_dict import groups_with_indices
 
             return {"state": {}, "param_groups": groups_with_indices(self)}
         if self._comm.world_size == 1:  # nothing to gather from (every replica too): consolidating is local
             from shardoptim.state_dict import consolidate
 
-            self._consolidated = consolidate(self, to=0)
-            self._consolidated_to = 0
-            assert self._consolidated is not None
-            return self._consolidated
+            full = consolidate(self, to=0)
+            assert full is not None
+            placement.keep_consolidated(full, 0)
+            return full
         raise RuntimeError(
             f"{self._comm.prefix}the optimizer state is sharded and was not consolidated since the last step: "
             "call opt.consolidate_state_dict(to=0) on every rank first, then opt.state_dict() on rank 0 (other "
@@ -559,9 +510,7 @@ class ShardedOptimizer(Stepping, Optimizer):
         if isinstance(state_dict, dict) and not state_dict:
             return
         load(self, state_dict)
-        self._consolidated = None
-        self._consolidated_to = None
-        self._has_state = bool(state_dict.get("state"))
+        self.placement.mark_loaded(bool(state_dict.get("state")))
 
     def verify_replicas(self) -> None:
         """Raise on every rank, naming the first parameter that differs, if replicas diverged.
@@ -595,18 +544,19 @@ class ShardedOptimizer(Stepping, Optimizer):
         "grads" counts at stage 2 the gradient shards and the full gradient buckets kept for reuse
         (the grads.POOL_SIZE largest per dtype), at stage 1 the parameters' `.grad`.
         """
+        placement = self.placement
         if self._reducer is not None:
             grads = self._reducer.allocated_nbytes()  # shards and pooled full buckets
-            grads += sum(_nbytes(p.grad) for p in self._params)  # left by no_sync()
+            grads += sum(_nbytes(p.grad) for p in placement.params)  # left by no_sync()
         else:
-            grads = sum(_nbytes(p.grad) for p in self._params)
+            grads = sum(_nbytes(p.grad) for p in placement.params)
         return {
-            "params": sum(_nbytes(b.buffer) for b in self._buckets if b.buffer is not None)
-            + self._storage.extra_nbytes(self._params)
-            + (sum(_nbytes(p) for p in self._params) if self._kind == "replicated" else 0),
+            "params": sum(_nbytes(b.buffer) for b in placement.buckets if b.buffer is not None)
+            + placement.storage.extra_nbytes(placement.params)
+            + (sum(_nbytes(p) for p in placement.params) if self._kind == "replicated" else 0),
             "grads": grads,
             "state": self.local_state_nbytes(),
-            "master": self._masters.nbytes(),
+            "master": placement.masters.nbytes(),
         }
 
     @property
@@ -649,7 +599,7 @@ class ShardedOptimizer(Stepping, Optimizer):
             The total norm before clipping (0-dim fp32 tensor, fp64 for fp64 gradients), the same
             on every rank.
         """
-        return self._grads.clip_(max_norm, norm_type, error_if_nonfinite=error_if_nonfinite)
+        return self._stepper.ctx.grads.clip_(max_norm, norm_type, error_if_nonfinite=error_if_nonfinite)
 
     def unscale_grads_(
         self, inv_scale: torch.Tensor, found_inf: torch.Tensor, *, allow_fp16: bool = False
@@ -658,37 +608,7 @@ class ShardedOptimizer(Stepping, Optimizer):
 
         Collective: call on every rank of the group, in the same order.
         """
-        return self._grads.unscale_(inv_scale, found_inf, allow_fp16=allow_fp16)
-
-
-class _Placed:
-    """How many parameters, buckets, pieces, ... were placed: what `add_param_group` restores on failure."""
-
-    def __init__(self, counts: tuple[int, ...], tensor_loads: list[float], layout: Layout | None) -> None:
-        self.counts = counts
-        self.tensor_loads = tensor_loads
-        self.layout = layout
-
-    @staticmethod
-    def _lists(opt: ShardedOptimizer) -> tuple[list[Any], ...]:
-        return (opt.param_groups, opt._params, opt._buckets, opt._pieces, opt._buffers, opt._layouts, opt._norm_pieces)
-
-    @classmethod
-    def snapshot(cls, opt: ShardedOptimizer) -> _Placed:
-        # NOTE: taken after the new group was appended to param_groups, so restoring drops it too.
-        counts = tuple(len(lst) for lst in cls._lists(opt))
-        return cls((counts[0] - 1, *counts[1:]), list(opt._tensor_loads), getattr(opt, "_layout", None))
-
-    def restore_(self, opt: ShardedOptimizer) -> None:
-        for lst, count in zip(self._lists(opt), self.counts):
-            del lst[count:]
-        opt._tensor_loads[:] = self.tensor_loads
-        opt._masters.drop_from_(len(opt._buckets))
-        if self.layout is not None:
-            opt._layout = self.layout
-        local_groups = opt.optim.param_groups
-        if len(local_groups) > len(opt.param_groups):
-            del local_groups[len(opt.param_groups) :]
+        return self._stepper.ctx.grads.unscale_(inv_scale, found_inf, allow_fp16=allow_fp16)
 
 
 def _class_default(optimizer_class: type[Optimizer], name: str) -> Any:
@@ -699,43 +619,18 @@ def _class_default(optimizer_class: type[Optimizer], name: str) -> Any:
     return None if default is inspect.Parameter.empty else default
 
 
+#: The step strategy of each sharding kind.
+_STRATEGIES: dict[Kind, type[StepSkeleton]] = {
+    "flat": ShardedStep,
+    "tensor": ShardedStep,
+    "replicated": ReplicatedStep,
+    "lbfgs": LBFGSStep,
+}
+
+
 def _nbytes(value: object) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, (list, tuple)):
         return sum(_nbytes(v) for v in value)
     return 0
-
-
-class _ShardAccess:
-    """What the sharded LBFGS needs from its ShardedOptimizer: this rank's pieces and the gather."""
-
-    def __init__(self, owner: ShardedOptimizer) -> None:
-        self._owner = owner
-
-    @property
-    def comm(self) -> Comm:
-        return self._owner._comm
-
-    def local_params(self) -> list[torch.Tensor]:
-        """Return this rank's 1-D views of the parameters (writes go straight into the buckets)."""
-        return [piece.local for piece in self._owner._pieces]
-
-    def local_grads(self) -> list[torch.Tensor]:
-        """Return this rank's 1-D slices of the full gradients (zeros where a grad is None)."""
-        out = []
-        for piece in self._owner._pieces:
-            grad = self._owner._params[piece.index].grad
-            if grad is None:
-                out.append(torch.zeros_like(piece.local))
-            else:
-                flat = to_flat(grad, memory_perm(self._owner._params[piece.index]))
-                out.append(flat.narrow(0, piece.in_param.start, piece.in_param.numel))
-        return out
-
-    def gather_params(self) -> None:
-        """Make every rank's full parameters equal to the owners' pieces.
-
-        Collective: call on every rank of the group, in the same order.
-        """
-        self._owner._gather_all()

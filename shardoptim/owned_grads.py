@@ -10,6 +10,7 @@ Must not import shardoptim.optimizer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,14 +20,17 @@ from shardoptim.comm import Comm
 from shardoptim.grads import GradReducer
 from shardoptim.pieces import Piece
 
+if TYPE_CHECKING:
+    from shardoptim.placement import Placement
+
 
 class OwnedGrads:
     """Views of this rank's gradients over the optimizer's parameters and pieces.
 
     Args:
         comm: the shard group.
-        params: the optimizer's list of all parameters.
-        pieces: this rank's pieces (the list is shared: add_param_group appends to it).
+        placement: the optimizer's placed state: its parameters, and the pieces whose gradients
+            count toward norms and inf/nan checks (`norm_pieces`).
         reducer: the stage-2 gradient reducer, or None at stage 1.
         whole_tensors: pieces are whole parameters (tensor sharding), shaped like them.
     """
@@ -34,15 +38,13 @@ class OwnedGrads:
     def __init__(
         self,
         comm: Comm,
-        params: Sequence[torch.Tensor],
-        pieces: Sequence[Piece],
+        placement: Placement,
         reducer: GradReducer | None,
         *,
         whole_tensors: bool,
     ) -> None:
         self._comm = comm
-        self._params = params
-        self._pieces = pieces
+        self._placement = placement
         self._reducer = reducer
         self._whole_tensors = whole_tensors
         # NOTE: per piece, planned once (see _plan_piece); rebuilt when the number of pieces changed
@@ -57,12 +59,12 @@ class OwnedGrads:
         parameter gets `.grad` itself, of a whole n-D one its flat view.
         """
         if self._reducer is not None:
-            return [self._shard_grad(p, has_grad) if active[p.bucket] else None for p in self._pieces]
-        if len(self._plan) != len(self._pieces):
-            self._plan = [self._plan_piece(p) for p in self._pieces]
+            return [self._shard_grad(p, has_grad) if active[p.bucket] else None for p in self._placement.norm_pieces]
+        if len(self._plan) != len(self._placement.norm_pieces):
+            self._plan = [self._plan_piece(p) for p in self._placement.norm_pieces]
         out: list[torch.Tensor | None] = []
-        for piece, (index, as_is, whole, cast, perm) in zip(self._pieces, self._plan):
-            grad = self._params[index].grad if active[piece.bucket] else None
+        for piece, (index, as_is, whole, cast, perm) in zip(self._placement.norm_pieces, self._plan):
+            grad = self._placement.params[index].grad if active[piece.bucket] else None
             if grad is not None and not as_is:
                 # NOTE: in the parameter's memory order, as its flat range (see buffers.memory_perm).
                 grad = to_flat(grad, perm)
@@ -75,7 +77,7 @@ class OwnedGrads:
 
     def _plan_piece(self, piece: Piece) -> tuple[int, bool, bool, bool, MemoryPerm]:
         """Return (param index, .grad serves as it is, whole parameter, needs a cast, memory order)."""
-        param = self._params[piece.index]
+        param = self._placement.params[piece.index]
         whole = piece.in_param.start == 0 and piece.in_param.numel == param.numel()
         perm = memory_perm(param)
         # A whole 1-D parameter's gradient already is its flat range (no reshape: ~1 us per tensor).
@@ -96,19 +98,19 @@ class OwnedGrads:
         owned = shard.narrow(0, piece.start_local, piece.in_param.numel)
         if not self._whole_tensors:
             return owned
-        return from_flat(owned, piece.local.shape, memory_perm(self._params[piece.index]))
+        return from_flat(owned, piece.local.shape, memory_perm(self._placement.params[piece.index]))
 
     def owned(self) -> list[torch.Tensor]:
         """Return this rank's gradient pieces (disjoint across ranks, all of them together)."""
         self.flush_()
         out = []
-        for piece in self._pieces:
+        for piece in self._placement.norm_pieces:
             if self._reducer is not None:
                 shard = self._reducer.shard(piece.bucket)
                 grad = None if shard is None else shard.narrow(0, piece.start_local, piece.in_param.numel)
             else:
-                full = self._params[piece.index].grad
-                perm = memory_perm(self._params[piece.index])
+                full = self._placement.params[piece.index].grad
+                perm = memory_perm(self._placement.params[piece.index])
                 grad = None if full is None or full.is_sparse else to_flat(full, perm)
                 grad = None if grad is None else grad.narrow(0, piece.in_param.start, piece.in_param.numel)
             if grad is not None:
@@ -120,7 +122,7 @@ class OwnedGrads:
         self.flush_()
         if self._reducer is not None:
             return self._reducer.shards()
-        return [p.grad for p in self._params if p.grad is not None]
+        return [p.grad for p in self._placement.params if p.grad is not None]
 
     def clip_(self, max_norm: float, norm_type: float, *, error_if_nonfinite: bool) -> torch.Tensor:
         """Clip by the global norm; return the norm before clipping (see ShardedOptimizer.clip_grad_norm_).
@@ -128,7 +130,7 @@ class OwnedGrads:
         Collective: call on every rank of the group, in the same order.
         """
         norm_type = gradnorm.check_norm_type(norm_type)
-        total = gradnorm.total_norm(self._comm, self.owned(), norm_type, device=self._params[0].device)
+        total = gradnorm.total_norm(self._comm, self.owned(), norm_type, device=self._placement.params[0].device)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise RuntimeError(
                 f"{self._comm.prefix}the total norm of order {norm_type} of the gradients is {total.item()}; "

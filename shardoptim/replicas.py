@@ -45,25 +45,25 @@ def verify_replicas(opt: ShardedOptimizer) -> None:
     Collective: call on every rank, in the same order. Costs one read of every parameter and one
     small all-gather per group.
     """
-    sums = [checksum(p) for p in opt._params]
-    if opt._replicas is None:
-        _verify_in(opt, opt._comm, sums, "")
+    sums = [checksum(p) for p in opt.placement.params]
+    if opt.placement.replicas is None:
+        _verify_in(opt, opt.placement.comm, sums, "")
         return
     errors: list[RuntimeError] = []
-    for comm, where in ((opt._comm, " of the shard group"), (opt._replicas.comm, " of the replicate group")):
+    for comm, where in ((opt.placement.comm, " of the shard group"), (opt.placement.replicas.comm, " of the replicate group")):
         try:
             _verify_in(opt, comm, sums, where)
         except RuntimeError as err:
             errors.append(err)
     # NOTE: a difference is seen only by the groups it lies in; agree over both so every rank raises.
-    flag = torch.tensor([float(bool(errors))], device=opt._comm.device)
-    opt._comm.all_reduce_(flag, op="max", what="verify_replicas agreement")
-    opt._replicas.comm.all_reduce_(flag, op="max", what="verify_replicas agreement")
+    flag = torch.tensor([float(bool(errors))], device=opt.placement.comm.device)
+    opt.placement.comm.all_reduce_(flag, op="max", what="verify_replicas agreement")
+    opt.placement.replicas.comm.all_reduce_(flag, op="max", what="verify_replicas agreement")
     if errors:
         raise errors[0]
     if bool(flag.item()):
         raise RuntimeError(
-            f"{opt._comm.prefix}verify_replicas: the replicas diverged on other ranks (their error names the "
+            f"{opt.placement.comm.prefix}verify_replicas: the replicas diverged on other ranks (their error names the "
             "parameter). Reload the last checkpoint on every rank"
         )
 
@@ -91,7 +91,7 @@ def _verify_in(opt: ShardedOptimizer, comm: Comm, sums: list[int], where: str) -
     for index in range(len(sums)):
         column = rows[:, 2 + index]
         if not bool((column == column[0]).all()):
-            p = opt._params[index]
+            p = opt.placement.params[index]
             names = [n for g in opt.param_groups for n in g.get("param_names", [None] * len(g["params"]))]
             label = f"parameter {index}" + (f" ({names[index]})" if names[index] else "")
             bad = (column != column[0]).nonzero().flatten().tolist()

@@ -57,7 +57,7 @@ def _local_meta(opt: ShardedOptimizer) -> dict[int, tuple[int, int, dict[str, _S
     """Describe this rank's state: param index -> (start_in_param, end_in_param, key -> spec)."""
     flat = opt.sharding == "flat"
     meta: dict[int, tuple[int, int, dict[str, _Spec]]] = {}
-    for piece in opt._pieces:
+    for piece in opt.placement.pieces:
         state = opt.optim.state.get(piece.local)
         if not state:
             continue
@@ -81,7 +81,7 @@ def consolidate(opt: ShardedOptimizer, *, to: int) -> dict[str, Any] | None:
     (a rank of the group: `ShardedOptimizer.consolidate_state_dict` checks it) and None elsewhere.
     State tensors of the result live on the CPU.
     """
-    comm = opt._comm
+    comm = opt.placement.comm
     if opt.sharding == "lbfgs":
         from shardoptim.lbfgs_state import consolidate_lbfgs
 
@@ -92,10 +92,10 @@ def consolidate(opt: ShardedOptimizer, *, to: int) -> dict[str, Any] | None:
         comm.all_gather_object(mine, what="state_dict metadata gather"),
     )
     index_to_local = {
-        piece.index: opt.optim.state[piece.local] for piece in opt._pieces if piece.local in opt.optim.state
+        piece.index: opt.optim.state[piece.local] for piece in opt.placement.pieces if piece.local in opt.optim.state
     }
     state: dict[int, dict[str, Any]] = {}
-    for index, param in enumerate(opt._params):
+    for index, param in enumerate(opt.placement.params):
         owners = sorted(
             (meta[index][0], meta[index][1], rank) for rank, meta in enumerate(rank_to_meta) if index in meta
         )
@@ -145,8 +145,8 @@ def _move(
     `step`, and NAdam's `mu_product`, as CPU scalars beside CUDA parameters without fused
     kernels); the receiver receives there and copies into `out` (CPU).
     """
-    comm = opt._comm
-    wire = comm.wire_device(opt._params[index].device)
+    comm = opt.placement.comm
+    wire = comm.wire_device(opt.placement.params[index].device)
     if comm.rank == src == to:
         assert out is not None
         out.copy_(index_to_local[index][key].reshape(out.shape))
@@ -237,7 +237,7 @@ def load(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
     index_to_saved_id = [pid for saved in saved_groups for pid in saved["params"]]
     flat = opt.sharding == "flat"
     for index, pid in enumerate(index_to_saved_id):
-        param = opt._params[index]
+        param = opt.placement.params[index]
         for key, value in saved_state.get(pid, {}).items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and not _fits(value, param, flat=flat):
                 raise ValueError(
@@ -245,10 +245,10 @@ def load(opt: ShardedOptimizer, state_dict: Mapping[str, Any]) -> None:
                     f"shape {tuple(param.shape)}; the state_dict is from another model"
                 )
     index_to_values: dict[int, dict[str, Any]] = {}
-    for piece in opt._pieces:
+    for piece in opt.placement.pieces:
         entry = saved_state.get(index_to_saved_id[piece.index])
         if entry:
-            perm = memory_perm(opt._params[piece.index])
+            perm = memory_perm(opt.placement.params[piece.index])
             index_to_values[piece.index] = {key: _slice(value, piece, flat, perm) for key, value in entry.items()}
     load_pieces(opt, saved_groups, index_to_values)
 
@@ -266,8 +266,8 @@ def load_pieces(
         index_to_values: parameter index -> state key -> value for this rank's piece of it
             (shaped like the piece), for the parameters that have state.
     """
-    opt._settle()  # weights written since the last step reach the buckets before masters are restored
-    piece_of = {id(piece.local): piece for piece in opt._pieces}
+    opt.placement.settle_()  # weights written since the last step reach the buckets before masters are restored
+    piece_of = {id(piece.local): piece for piece in opt.placement.pieces}
     local_state: dict[int, dict[str, Any]] = {}
     local_groups: list[dict[str, Any]] = []
     local_index = 0
@@ -308,10 +308,10 @@ def _restore_masters(opt: ShardedOptimizer) -> None:
     master copies drop a saved one (the parameters belong to the model's own state_dict).
     """
     unsaved = set()
-    for piece in opt._pieces:
+    for piece in opt.placement.pieces:
         state = opt.optim.state.get(piece.local)
         saved = state.pop(MASTER_KEY, None) if state else None
-        if not opt._masters.has(piece.bucket):
+        if not opt.placement.masters.has(piece.bucket):
             continue
         if isinstance(saved, torch.Tensor):
             with torch.no_grad():
@@ -321,8 +321,8 @@ def _restore_masters(opt: ShardedOptimizer) -> None:
         if state:
             state[MASTER_KEY] = piece.local
     with torch.no_grad():
-        opt._masters.reread_(unsaved)
-    opt._storage.remember_(opt._params, range(len(opt._params)))
+        opt.placement.masters.reread_(unsaved)
+    opt.placement.storage.remember_(opt.placement.params, range(len(opt.placement.params)))
 
 
 def _fits(value: torch.Tensor, param: torch.Tensor, *, flat: bool) -> bool:

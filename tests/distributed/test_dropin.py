@@ -163,9 +163,9 @@ def _check_moved_and_constructor(rank: int, world_size: int, *, as_view: bool) -
         assert torch.equal(p, q)
     opt.verify_replicas()
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    assert len(storages) == (len(opt._buckets) if as_view else 4)  # views: one storage per bucket
+    assert len(storages) == (len(opt.placement.buckets) if as_view else 4)  # views: one storage per bucket
     if not as_view:  # no bucket copy and no scratch kept: shared-memory gathers write the parameters in place
-        assert all(b.buffer is None for b in opt._buckets) and opt._comm.gather_method == "shm"
+        assert all(b.buffer is None for b in opt.placement.buckets) and opt.placement.comm.gather_method == "shm"
         assert opt.memory_nbytes()["params"] == sum(p.numel() * p.element_size() for p in model.parameters())
     with pytest.raises(ValueError, match="overlap_with_ddp=True is not supported.*stage=2"):
         ShardedOptimizer(model.parameters(), torch.optim.AdamW, group, False, True, lr=1e-2)
@@ -180,7 +180,7 @@ def _check_group_values_and_kwargs(rank: int, world_size: int) -> None:
     params = _params()
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = ShardedOptimizer(params, _Counting, bucket_numel=500, lr=0.1)  # several buckets
-    assert len(opt._buckets) > 2
+    assert len(opt.placement.buckets) > 2
     ref = _Counting(ref_params, lr=0.1)
     for step in range(4):
         for ps, o in ((params, opt), (ref_params, ref)):

@@ -139,12 +139,12 @@ def _check_die_in_step(rank: int, world_size: int, *, out: str, where: str) -> N
     run.train_(range(2))
     if rank == DYING_RANK:
         if where == "hyperparameter sync":
-            run.opt._hparams.sync_ = lambda *args, **kwargs: _kill_self()  # type: ignore[method-assign]
+            run.opt._stepper.ctx.hparams.sync_ = lambda *args, **kwargs: _kill_self()  # type: ignore[method-assign]
         elif where == "local update":
             run.opt.optim.step = lambda *args, **kwargs: _kill_self()  # type: ignore[method-assign]
         else:
-            run.opt._comm.gather_bucket_async = lambda *args, **kwargs: _kill_self()  # type: ignore[method-assign]
-            run.opt._comm.gather_buckets_ = lambda *args, **kwargs: _kill_self()  # type: ignore[method-assign]
+            run.opt.placement.comm.gather_bucket_async = lambda *args, **kwargs: _kill_self()  # type: ignore[method-assign]
+            run.opt.placement.comm.gather_buckets_ = lambda *args, **kwargs: _kill_self()  # type: ignore[method-assign]
     _grads_(run.model, 2)
     # NOTE: a survivor returns right after reporting; the pool then kills it with its group still open.
     _timed(out, rank, run.opt.step)

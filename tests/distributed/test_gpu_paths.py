@@ -157,7 +157,7 @@ def _check_uneven_ranges_one_call(rank: int, world_size: int) -> dict[str, int]:
     model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 5))
     ref = copy.deepcopy(model)
     opt = ShardedOptimizer(model.parameters(), torch.optim.Adafactor, stage=2, lr=1e-2)
-    opt._comm.gather_method, opt._comm.mpi_gather, opt._comm.mpi_reduce = "all_gather", False, False
+    opt.placement.comm.gather_method, opt.placement.comm.mpi_gather, opt.placement.comm.mpi_reduce = "all_gather", False, False
     ref_opt = torch.optim.Adafactor(ref.parameters(), lr=1e-2)
     x = torch.randn(4, 8)
     _steps_side_by_side(model, opt, ref, ref_opt, x, steps=2)

@@ -149,7 +149,7 @@ def _check_case(rank: int, world_size: int, problem: str, line_search_fn: str | 
         assert _rel_err(flat, extra["x_star"]) < 1e-4, "least squares did not approach its solution"
     return {
         "calls": calls,
-        "pieces": len(opt._pieces),
+        "pieces": len(opt.placement.pieces),
         "losses": losses,
         "reductions": opt.optim.num_reductions,
         "iterations": state["n_iter"],

@@ -100,7 +100,7 @@ def _check_parity(
         for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
             assert torch.equal(p, q), f"{name} step {step}: {pname} differs by {(p - q).abs().max().item()}"
         assert _replicas_equal(list(model.parameters())), f"{name} step {step}: replicas differ across ranks"
-    return {"flags": flags, "pieces": len(opt._pieces), "state_nbytes": opt.local_state_nbytes()}
+    return {"flags": flags, "pieces": len(opt.placement.pieces), "state_nbytes": opt.local_state_nbytes()}
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -138,7 +138,7 @@ def _check_frozen_and_empty_shard(rank: int, world_size: int) -> dict[str, Any]:
     state_for_frozen = [p for p in opt.optim.state if p.data_ptr() == frozen.data_ptr()]
     assert not state_for_frozen
     assert any(p is frozen for p in opt.param_groups[0]["params"])
-    return {"pieces": len(opt._pieces), "nbytes": opt.local_state_nbytes()}
+    return {"pieces": len(opt.placement.pieces), "nbytes": opt.local_state_nbytes()}
 
 
 def test_frozen_params_and_empty_shard(ranks4: Any) -> None:
@@ -157,7 +157,7 @@ def _check_mixed_dtypes(rank: int, world_size: int) -> None:
     ]
     refs = [p.detach().clone().requires_grad_() for p in params]
     opt = ShardedOptimizer(params, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
-    assert len(opt._buckets) == 3, "one bucket per dtype"
+    assert len(opt.placement.buckets) == 3, "one bucket per dtype"
     ref_opt = torch.optim.AdamW(refs, lr=1e-2, weight_decay=0.1, fused=True)
     for step in range(5):
         gen = torch.Generator().manual_seed(step)
@@ -247,9 +247,9 @@ def _check_gather_methods(rank: int, world_size: int, *, method: str) -> str:
     ref.load_state_dict(model.state_dict())
     opt = ShardedOptimizer(_groups(model, CASES["AdamW"]), torch.optim.AdamW, bucket_numel=512)
     if method != "auto":
-        opt._comm.gather_method = method  # type: ignore[assignment]
+        opt.placement.comm.gather_method = method  # type: ignore[assignment]
     ref_opt = torch.optim.AdamW(_groups(ref, CASES["AdamW"]), fused=True)
-    assert len(opt._buckets) > 1
+    assert len(opt.placement.buckets) > 1
     for step in range(3):
         _averaged_grads_(model, step, rank, world_size)
         for p, q in zip(model.parameters(), ref.parameters()):
@@ -258,7 +258,7 @@ def _check_gather_methods(rank: int, world_size: int, *, method: str) -> str:
         ref_opt.step()
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
         assert _replicas_equal(list(model.parameters()))
-    return str(opt._comm.gather_method)
+    return str(opt.placement.comm.gather_method)
 
 
 @pytest.mark.parametrize("method", ["auto", "shm", "broadcast", "all_gather"])

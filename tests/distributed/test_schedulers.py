@@ -325,7 +325,7 @@ def _check_scheduler_parity(
         ref_opt.step()
         _assert_params_equal(model, ref, f"{name} final step")
         assert all_equal_across_ranks(_flat(model))
-    cut = any(piece.in_param.numel < opt._params[piece.index].numel() for piece in opt._pieces)
+    cut = any(piece.in_param.numel < opt.placement.params[piece.index].numel() for piece in opt.placement.pieces)
     return {
         "cut": cut,
         "lrs": [[g["lr"] for g in groups] for groups in history],
@@ -363,7 +363,7 @@ def _count_hparam_collectives(opt: ShardedOptimizer) -> dict[str, int]:
     Every step agrees with one all-reduce; an all-gather follows only when the options differ.
     """
     counts = {"broadcast_": 0, "all_reduce_": 0, "all_gather": 0}
-    comm = opt._comm
+    comm = opt.placement.comm
     for method in counts:
         inner = getattr(comm, method)
 
@@ -607,12 +607,12 @@ def _check_broadcast_cost(rank: int, world_size: int, *, calls: int) -> dict[str
     out: dict[str, float] = {"num_values": 0.0}
     for mode in ("broadcast", "check"):
         for _ in range(10):
-            sync_hparams_(opt.param_groups, opt._comm, mode=mode)  # type: ignore[arg-type]
+            sync_hparams_(opt.param_groups, opt.placement.comm, mode=mode)  # type: ignore[arg-type]
         dist.barrier()
         times = []
         for _ in range(calls):
             t0 = time.perf_counter()
-            sync_hparams_(opt.param_groups, opt._comm, mode=mode)  # type: ignore[arg-type]
+            sync_hparams_(opt.param_groups, opt.placement.comm, mode=mode)  # type: ignore[arg-type]
             times.append(time.perf_counter() - t0)
         out[f"{mode}_median_ms"] = statistics.median(times) * 1e3
     from shardoptim.hparams import pack_hparams
@@ -662,14 +662,14 @@ def test_structure_mismatch_raises_everywhere(ranks2: Any, mode: str, extra_grou
 def _check_capacity_grows(rank: int, world_size: int) -> list[float]:
     params = [torch.nn.Parameter(torch.ones(70)) for _ in range(6)]
     opt = ShardedOptimizer([{"params": [p]} for p in params], torch.optim.AdamW, lr=0.1)
-    start = opt._hparams.capacity
+    start = opt._stepper.ctx.hparams.capacity
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)  # same on every rank
     for _ in range(2):
         for p in params:
             p.grad = torch.ones_like(p)
         opt.step()
         sched.step()
-    assert opt._hparams.capacity > start, "the packed vector should have outgrown its first size"
+    assert opt._stepper.ctx.hparams.capacity > start, "the packed vector should have outgrown its first size"
     return [g["lr"] for g in opt.param_groups]
 
 

@@ -68,7 +68,7 @@ def _check_parity_with_ddp(
     cls = getattr(torch.optim, cls_name)
     ref_opt = cls(ref.parameters(), **opts)
     opt = ShardedOptimizer(model.parameters(), cls, stage=2, bucket_numel=700, **opts)
-    assert len(opt._buckets) > 1  # several buckets: launch order and partial readiness matter
+    assert len(opt.placement.buckets) > 1  # several buckets: launch order and partial readiness matter
     for step in range(4):
         for m in range(micro):
             last = m == micro - 1
@@ -155,9 +155,9 @@ def _check_memory_is_sharded(rank: int, world_size: int) -> dict[str, int]:
     assert max(opt.rank_to_numel()) <= 2 * (64 * 64 + 64) / world_size + 64
     # the shards span this rank's range of each bucket: its elements plus alignment padding
     shards = sum(t.numel() * t.element_size() for t in opt._reducer.shards())
-    assert owned * 4 <= shards <= (owned + 64 * len(opt._buckets)) * 4
+    assert owned * 4 <= shards <= (owned + 64 * len(opt.placement.buckets)) * 4
     # plus at most POOL_SIZE full buckets kept for reuse
-    largest = max(b.numel * b.segments.element_size() for b in opt._buckets)
+    largest = max(b.numel * b.segments.element_size() for b in opt.placement.buckets)
     assert shards < sizes["grads"] <= shards + POOL_SIZE * largest
     assert sizes["state"] == 2 * owned * 4 + 4 * len(opt.optim.state)  # exp_avg, exp_avg_sq, 4-byte steps
     return sizes

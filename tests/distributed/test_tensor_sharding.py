@@ -121,7 +121,7 @@ def _impl_flags(opt: ShardedOptimizer) -> dict[str, Any]:
 def _ownership(opt: ShardedOptimizer, params: list[torch.Tensor]) -> list[int]:
     """Return the indices of the parameters this rank owns, checking that it owns them whole, in shape."""
     owned = []
-    for piece in opt._pieces:
+    for piece in opt.placement.pieces:
         param = params[piece.index]
         assert piece.in_param.start == 0 and piece.in_param.numel == param.numel(), "a tensor was cut"
         assert piece.local.shape == param.shape, "the local optimizer must see the full shape"
@@ -345,8 +345,8 @@ def _check_balance(rank: int, world_size: int) -> dict[str, Any]:
     opt = ShardedOptimizer(params, torch.optim.Adafactor, lr=1e-2)
     return {
         "rank": rank,
-        "imbalance": opt._layout.imbalance(),
-        "rank_to_numel": opt._layout.rank_to_numel(),
+        "imbalance": opt.placement.layouts[-1].imbalance(),
+        "rank_to_numel": opt.placement.layouts[-1].rank_to_numel(),
         "owns_huge": 0 in _ownership(opt, params),
     }
 

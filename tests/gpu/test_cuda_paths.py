@@ -82,7 +82,7 @@ def test_step_makes_no_host_sync(fake4: str, case: dict[str, Any]) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         opt.zero_grad()
-    assert opt._comm.num_host_reads == 0
+    assert opt.placement.comm.num_host_reads == 0
 
 
 @pytest.mark.parametrize("fake4", ["cuda:fake"], indirect=True)
@@ -90,14 +90,14 @@ def test_nccl_only_group_reads_once_per_step(fake4: str) -> None:
     """skip_nonfinite on an NCCL-only group: one host read per step (the inf/nan flag), no more."""
     model = _model()
     opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, stage=2, lr=1e-3, skip_nonfinite=True)
-    assert opt._comm.device == torch.device("cuda", torch.cuda.current_device())
-    before = opt._comm.num_host_reads
+    assert opt.placement.comm.device == torch.device("cuda", torch.cuda.current_device())
+    before = opt.placement.comm.num_host_reads
     for step in range(3):
         _backward(model, step)
         opt.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad()
-    assert opt._comm.num_host_reads - before == 3
+    assert opt.placement.comm.num_host_reads - before == 3
 
 
 @pytest.mark.parametrize("fake4", ["cuda:fake"], indirect=True)
@@ -109,13 +109,13 @@ def test_consolidation_sends_cpu_scalars_on_cuda(fake4: str, cls: type[torch.opt
     _backward(model, 0)
     opt.step()
     sent: list[torch.device] = []
-    original = opt._comm.send
+    original = opt.placement.comm.send
 
     def send(tensor: torch.Tensor, **kwargs: Any) -> None:
         sent.append(tensor.device)
         original(tensor, **kwargs)
 
-    opt._comm.send = send  # type: ignore[method-assign]
+    opt.placement.comm.send = send  # type: ignore[method-assign]
     opt.consolidate_state_dict(to=0)
     assert sent and all(d.type == "cuda" for d in sent), sent
 

@@ -57,7 +57,7 @@ def main() -> None:
         low_opt.step()
         low_opt.zero_grad()
     low_opt.verify_replicas()
-    comm = opt._comm
+    comm = opt.placement.comm
     print(f"MPI_OPTIM_OK rank={rank} gather={comm.mpi_gather} reduce={comm.mpi_reduce}", flush=True)
     del opt, low_opt
     dist.destroy_process_group()

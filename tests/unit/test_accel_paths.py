@@ -66,7 +66,7 @@ def _params() -> list[torch.nn.Parameter]:
 
 def _two_steps(opt: ShardedOptimizer, params: list[torch.nn.Parameter], *, stage: int, clip: bool) -> int:
     """Run two steps; return the host reads of collective results per step."""
-    before = opt._comm.num_host_reads
+    before = opt.placement.comm.num_host_reads
     for _ in range(2):
         if stage == 2:
             torch.stack([p.sum() for p in params]).sum().backward()
@@ -77,7 +77,7 @@ def _two_steps(opt: ShardedOptimizer, params: list[torch.nn.Parameter], *, stage
             opt.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad()
-    return (opt._comm.num_host_reads - before) // 2
+    return (opt.placement.comm.num_host_reads - before) // 2
 
 
 _CASES: list[tuple[dict[str, Any], bool]] = [
@@ -114,7 +114,7 @@ def test_meta_parameters_construct_and_step(fake_group: str) -> None:
     for kwargs, clip in _CASES:
         params = _params()
         opt = ShardedOptimizer(params, torch.optim.AdamW, lr=1e-3, **kwargs)
-        assert opt._comm.device.type == fake_group.split(":")[0]
+        assert opt.placement.comm.device.type == fake_group.split(":")[0]
         reads = _two_steps(opt, params, stage=int(kwargs.get("stage", 1)), clip=clip)
         assert reads == (1 if kwargs.get("skip_nonfinite") else 0), (kwargs, clip, reads)
 
@@ -169,7 +169,7 @@ def test_consolidation_sends_and_receives_on_one_device(fake_group: str) -> None
     from shardoptim.state_dict import _move
 
     comm = Comm()
-    opt = SimpleNamespace(_comm=comm, _params=[torch.empty(4, 8, device="meta")])
+    opt = SimpleNamespace(placement=SimpleNamespace(comm=comm, params=[torch.empty(4, 8, device="meta")]))
     index_to_local = {0: {"step": torch.tensor(3.0), "exp_avg": torch.empty(32, device="meta")}}
     sent: list[torch.device] = []
     received: list[torch.device] = []

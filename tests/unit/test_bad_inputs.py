@@ -144,9 +144,9 @@ def _fingerprint(opt: ShardedOptimizer) -> list[Any]:
         [{k: _clone(v) for k, v in g.items() if k != "params"} for g in opt.param_groups],
         [len(g["params"]) for g in opt.param_groups],
         [len(g["params"]) for g in opt.optim.param_groups],
-        [len(opt._params), len(opt._buckets), len(opt._pieces), opt._num_steps],
-        [_clone(opt.optim.state.get(piece.local, {})) for piece in opt._pieces],
-        [p.detach().clone() for p in opt._params],
+        [len(opt.placement.params), len(opt.placement.buckets), len(opt.placement.pieces), opt._stepper.record.num_steps],
+        [_clone(opt.optim.state.get(piece.local, {})) for piece in opt.placement.pieces],
+        [p.detach().clone() for p in opt.placement.params],
     ]
 
 
@@ -415,7 +415,7 @@ def test_lbfgs_rejects_then_alive(case: str) -> None:
     else:
         with pytest.raises(ValueError, match="LBFGS supports one param group"):
             opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]})
-    assert len(opt.param_groups) == len(opt.optim.param_groups) == len(opt._params) == 1
+    assert len(opt.param_groups) == len(opt.optim.param_groups) == len(opt.placement.params) == 1
     assert torch.equal(opt.step(_lbfgs_closure(x, a, b)), ref.step(_lbfgs_closure(y, a, b)))
     assert torch.equal(x, y)
 

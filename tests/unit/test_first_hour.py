@@ -28,7 +28,7 @@ def test_world_size_without_process_group_warns_once_at_the_caller(monkeypatch: 
     assert "WORLD_SIZE=4 is set but torch.distributed is not initialised" in message
     assert "not sharded" in message and "shardoptim.init_distributed()" in message
     assert mine[0].filename == __file__  # points at the user's ShardedOptimizer(...) line
-    assert opt._comm.world_size == 1  # and it did run unsharded
+    assert opt.placement.comm.world_size == 1  # and it did run unsharded
 
 
 @pytest.mark.parametrize("value", [None, "1", "", "x"])

@@ -21,7 +21,7 @@ def test_single_process_matches_torch_and_storage_mode(as_view: bool) -> None:
     before = [p.data_ptr() for p in model.parameters()]
     opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, parameters_as_bucket_view=as_view, lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
-    buffer = opt._buckets[0].buffer
+    buffer = opt.placement.buckets[0].buffer
     if as_view:
         assert buffer is not None
         for p in model.parameters():
@@ -151,7 +151,7 @@ def test_moved_parameters_are_rebound_at_the_next_step(as_view: bool) -> None:
             m(torch.ones(4, 8)).sum().backward()
             o.step()
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
-    homes = [piece.local for piece in opt._pieces]  # views into the bucket, or into each parameter's home
+    homes = [piece.local for piece in opt.placement.pieces]  # views into the bucket, or into each parameter's home
     for p, home in zip(model.parameters(), homes):
         assert p.untyped_storage().data_ptr() == home.untyped_storage().data_ptr()
     if not as_view:  # pointed back at the storage they had at construction (the pieces' homes)
