@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 import warnings
 from collections.abc import Callable, Iterable
@@ -21,22 +20,29 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from shardoptim.accounting import local_state_nbytes, memory_nbytes
 from shardoptim.comm import Comm
 from shardoptim.config import DEFAULT_BUCKET_NUMEL, CommBackend, ShardConfig, Stage
-from shardoptim.entry import EntryCheck
+from shardoptim.construct import (
+    adopt_local_options,
+    agree_on_new_group,
+    check_supported,
+    class_default,
+    local_optimizer,
+    log_layout,
+    log_probe,
+    settle_comm_backend,
+    stepper_for,
+)
 from shardoptim.grads import GradReducer
-from shardoptim.hparams import STRUCTURE_KEYS, HparamSync, HparamSyncer
+from shardoptim.hparams import HparamSync, HparamSyncer
 from shardoptim.hybrid import Replicas, resolve_groups
 from shardoptim.kinds import Kind, check_new_group, choose_kind, resolve_impl_flags
-from shardoptim.master import MASTER_KEY
 from shardoptim.owned_grads import OwnedGrads
 from shardoptim.params import as_param_groups, probe_complex_support, validate_new_params, validate_params
 from shardoptim.placement import Placement
 from shardoptim.probe import ProbeVerdict
-from shardoptim.step_lbfgs import LBFGSStep, PlacementShardAccess
-from shardoptim.step_replicated import ReplicatedStep
-from shardoptim.step_sharded import ShardedStep
-from shardoptim.stepping import StepContext, StepSkeleton
+from shardoptim.stepping import StepContext
 
 __all__ = ["DEFAULT_BUCKET_NUMEL", "ShardedOptimizer"]
 
@@ -141,24 +147,11 @@ class ShardedOptimizer(Optimizer):
         self.probe_verdicts: tuple[ProbeVerdict, ...] = choice.verdicts
         self._probe_defaults = dict(defaults)  # the constructor's options, to probe added groups with
         if self.probe_verdict is not None:
-            logger.info(
-                "probed %s at %d distinct group option set(s): %s -> sharding %r (a class of unknown kind gets "
-                "whole tensors at most; declare it with shardoptim.register_elementwise for flat balance, or "
-                "register_per_tensor to skip the probe)",
-                optimizer_class.__name__,
-                len(self.probe_verdicts),
-                self.probe_verdict.reason,
-                self._kind,
-            )
+            log_probe(optimizer_class, self.probe_verdicts, self.probe_verdict, self._kind)
         uses_rng = any(v.uses_rng for v in self.probe_verdicts)
         #: Why the class runs unsharded on every rank ("" unless sharding is "replicated").
         self.replication_reason = choice.reason if self._kind == "replicated" else ""
-        self._check_supported(optimizer_class)
-        if self._kind == "lbfgs" and len(groups) != 1:
-            raise ValueError(
-                f"torch.optim.LBFGS supports one param group, got {len(groups)}; pass the parameters as one "
-                "group (LBFGS does not support per-parameter options)"
-            )
+        check_supported(self._kind, self.config, optimizer_class, self.replication_reason, num_groups=len(groups))
         params_list = validate_params(groups)
         shard_pg, replicate_pg = resolve_groups(process_group, shard_group, replicate_group, device_mesh)
         comm = Comm(shard_pg, backend_choice=self.config.comm_backend)
@@ -166,7 +159,7 @@ class ShardedOptimizer(Optimizer):
         # NOTE: the per-step agreements travel on a CPU group, so step() never waits for the GPU.
         meta = comm.for_metadata()
         self._comm = comm
-        self._settle_comm_backend()  # before anything touches the parameters
+        settle_comm_backend(self.config, comm)  # before anything touches the parameters
         #: The placed state: parameters, buckets, pieces, layouts, storage, masters (shardoptim.placement).
         self.placement = Placement(
             kind=self._kind, comm=comm, meta=meta, replicas=replicas, config=self.config, optimizer_class=optimizer_class
@@ -178,115 +171,36 @@ class ShardedOptimizer(Optimizer):
         resolved = resolve_impl_flags(optimizer_class, defaults, groups)
         #: Implementation flags the wrapper chose itself, with the class's own default: consolidated
         #: param_groups record the default (what the user asked for), not the wrapper's choice.
-        self.injected_flags = {k: _class_default(optimizer_class, k) for k in resolved if k not in defaults}
+        self.injected_flags = {k: class_default(optimizer_class, k) for k in resolved if k not in defaults}
         if self._kind != "lbfgs":
             probe_complex_support(optimizer_class, resolved, params_list)
         super().__init__(groups, resolved)
         self._building = False
 
         local_groups = self.placement.place_(params_list, list(range(len(self.param_groups))), self.param_groups)
-        self.optim: Optimizer
-        failure: Exception | None = None
-        try:
-            if self._kind == "lbfgs":
-                from shardoptim.lbfgs import ShardedLBFGS
-
-                self.optim = ShardedLBFGS(local_groups, shard=PlacementShardAccess(self.placement), **resolved)
-            else:
-                self.optim = optimizer_class(local_groups, **resolved)
-        except Exception as err:
-            failure = err
-        meta.raise_if_any_failed(failure, what=f"{optimizer_class.__name__} rejected the parameters")
+        #: The base optimizer over this rank's pieces.
+        self.optim = local_optimizer(self.placement, local_groups, resolved)
         self.placement.bind_(0, self._reducer)
         for key, value in self.optim.defaults.items():
             self.defaults.setdefault(key, value)
-        for wrapper_group, local_group in zip(self.param_groups, self.optim.param_groups):
-            for key, value in local_group.items():
-                if key not in STRUCTURE_KEYS:
-                    wrapper_group.setdefault(key, value)
-        ctx = StepContext(
-            placement=self.placement,
-            optim=self.optim,
-            groups=lambda: self.param_groups,
-            hparams=HparamSyncer(meta, hparam_sync),
-            replica_hparams=None
-            if replicas is None
-            else HparamSyncer(replicas.comm.for_metadata(), hparam_sync, source=replicas.lead),
-            grads=grads,
-            reducer=self._reducer,
-            uses_rng=uses_rng,
-            verify=lambda: self.verify_replicas(),
+        adopt_local_options(self.param_groups, self.optim.param_groups)
+        self._stepper = stepper_for(
+            StepContext(
+                placement=self.placement,
+                optim=self.optim,
+                groups=lambda: self.param_groups,
+                hparams=HparamSyncer(meta, hparam_sync),
+                replica_hparams=None
+                if replicas is None
+                else HparamSyncer(replicas.comm.for_metadata(), hparam_sync, source=replicas.lead),
+                grads=grads,
+                reducer=self._reducer,
+                uses_rng=uses_rng,
+                verify=lambda: self.verify_replicas(),
+            )
         )
-        self._stepper: StepSkeleton = _STRATEGIES[self._kind](ctx)
-        # NOTE: last, so a construction that failed on some rank never took an entry namespace.
-        self.placement.entry = EntryCheck(
-            comm.group,
-            rank=comm.rank,
-            world_size=comm.world_size,
-            deadline_s=self.config.entry_timeout_s,
-            group_timeout_s=comm.timeout_s(),
-        )
-        self._log_layout()
-
-    def _settle_comm_backend(self) -> None:
-        """Refuse comm_backend="mpi" now, on every rank, when MPI cannot serve this group.
-
-        Collective (at construction, which is collective anyway).
-        """
-        if self.config.comm_backend != "mpi" or self._comm.world_size == 1:
-            return
-        if self._comm.backend != "gloo":
-            warnings.warn(
-                f"comm_backend='mpi' has no effect on the {self._comm.backend} backend: the mpi4py path serves "
-                "CPU (gloo) groups only",
-                stacklevel=3,
-            )
-            return
-        self._comm.gathers_synchronously(torch.device("cpu"))  # opens MPI or raises on every rank
-
-    def _check_supported(self, optimizer_class: type[Optimizer]) -> None:
-        config = self.config
-        if self._kind == "lbfgs" and (config.stage != 1 or config.master_dtype or config.skip_nonfinite):
-            raise ValueError(
-                f"the sharded LBFGS supports stage=1 without master_dtype or skip_nonfinite, got stage={config.stage}, "
-                f"master_dtype={config.master_dtype}, skip_nonfinite={config.skip_nonfinite}; drop those options"
-            )
-        if self._kind == "replicated" and (config.stage != 1 or config.master_dtype):
-            raise ValueError(
-                f"{optimizer_class.__name__} runs replicated (unsharded) on every rank ({self.replication_reason}), "
-                f"which supports stage=1 without master_dtype, got stage={config.stage}, "
-                f"master_dtype={config.master_dtype}; use stage=1 with DDP, or declare the class with "
-                "shardoptim.register_elementwise / register_per_tensor if you know it is safe to shard"
-            )
-        if config.stage == 2 and optimizer_class is torch.optim.SparseAdam:
-            raise ValueError(
-                "SparseAdam needs sparse gradients, which stage=2 cannot reduce-scatter; use stage=1 with DDP"
-            )
-
-    def _log_layout(self) -> None:
-        if self._comm.rank != 0:
-            return
-        if self._kind == "replicated" and self._comm.world_size > 1 and self.config.sharding != "replicated":
-            warnings.warn(
-                f"{self.placement.optimizer_class.__name__} is not sharded: it runs unsharded on every rank with its full "
-                f"state (correct, no memory saving), because {self.replication_reason}. If you know its update is "
-                "elementwise or per-tensor, declare it with shardoptim.register_elementwise or "
-                "register_per_tensor",
-                stacklevel=3,
-            )
-        if not logger.isEnabledFor(logging.INFO):
-            return
-        rank_to_numel = self.rank_to_numel()
-        total = sum(rank_to_numel)
-        logger.info(
-            "ShardedOptimizer(%s, %s): %d ranks, %d buckets, %s elements per rank (max), imbalance %.6f",
-            self.placement.optimizer_class.__name__,
-            self._kind,
-            self._comm.world_size,
-            len(self.placement.buckets),
-            f"{max(rank_to_numel):,}",
-            max(rank_to_numel) * len(rank_to_numel) / total if total else 1.0,
-        )
+        self.placement.open_entry()  # last: a construction that failed on some rank took no entry namespace
+        log_layout(self.placement, replication_reason=self.replication_reason)
 
     def rank_to_numel(self) -> list[int]:
         """Return the parameter elements whose state each rank owns (all groups; no communication)."""
@@ -391,36 +305,14 @@ class ShardedOptimizer(Optimizer):
         if self.probe_verdicts:
             check_new_group(placement.optimizer_class, self._probe_defaults, groups[0], self._kind)
         new_params = validate_new_params(groups, existing=placement.params)
-        meta = placement.meta
-        numel = torch.tensor([len(new_params), sum(p.numel() for p in new_params)], dtype=torch.float64)
-        gathered = meta.to_host(meta.all_gather(numel.to(meta.device), what="add_param_group check"))
-        if not bool((gathered == gathered[0]).all()):
-            raise ValueError(
-                f"{self._comm.prefix}add_param_group got different groups on different ranks "
-                f"((num_params, numel) per rank: {gathered.tolist()}); add the same group on every rank"
-            )
+        agree_on_new_group(placement.meta, new_params)
         super().add_param_group(groups[0])
-        group_index = len(self.param_groups) - 1
-        first_bucket = len(placement.buckets)
-        mark = placement.mark()
-        failure: Exception | None = None
         try:
-            local_group = placement.place_(new_params, [group_index], self.param_groups)[0]
-            self.optim.add_param_group(local_group)
-        except Exception as err:
-            failure = err
-        try:
-            meta.raise_if_any_failed(failure, what="add_param_group")
+            placement.add_group_(new_params, self.param_groups, self.optim, self._reducer)
         except Exception:
-            # every rank: as it was before the call
-            placement.restore_(mark)
-            del self.param_groups[group_index:]
-            del self.optim.param_groups[group_index:]
+            del self.param_groups[-1]  # every rank: as it was before the call
             raise
-        placement.bind_(first_bucket, self._reducer)
-        for key, value in self.optim.param_groups[-1].items():
-            if key not in STRUCTURE_KEYS:
-                self.param_groups[-1].setdefault(key, value)
+        adopt_local_options(self.param_groups[-1:], self.optim.param_groups[-1:])
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Gather the full optimizer state onto rank `to`, for a following `state_dict()` there.
@@ -475,22 +367,11 @@ class ShardedOptimizer(Optimizer):
         Raises:
             RuntimeError: state exists on several ranks but was not consolidated since the last step.
         """
-        placement = self.placement
-        if placement.consolidated is not None:
-            return placement.consolidated
-        if placement.consolidated_to is not None:
-            return {}
-        if not placement.has_state:
-            from shardoptim.state_dict import groups_with_indices
+        from shardoptim.state_dict import current
 
-            return {"state": {}, "param_groups": groups_with_indices(self)}
-        if self._comm.world_size == 1:  # nothing to gather from (every replica too): consolidating is local
-            from shardoptim.state_dict import consolidate
-
-            full = consolidate(self, to=0)
-            assert full is not None
-            placement.keep_consolidated(full, 0)
-            return full
+        found = current(self)
+        if found is not None:
+            return found
         raise RuntimeError(
             f"{self._comm.prefix}the optimizer state is sharded and was not consolidated since the last step: "
             "call opt.consolidate_state_dict(to=0) on every rank first, then opt.state_dict() on rank 0 (other "
@@ -528,12 +409,7 @@ class ShardedOptimizer(Optimizer):
 
         Master weights are not counted here; see `memory_nbytes()`.
         """
-        return sum(
-            _nbytes(value)
-            for state in self.optim.state.values()
-            for key, value in state.items()
-            if key != MASTER_KEY
-        )
+        return local_state_nbytes(self.optim)
 
     def memory_nbytes(self) -> dict[str, int]:
         """Return this rank's bytes of "params", "grads", "state" and "master".
@@ -544,20 +420,7 @@ class ShardedOptimizer(Optimizer):
         "grads" counts at stage 2 the gradient shards and the full gradient buckets kept for reuse
         (the grads.POOL_SIZE largest per dtype), at stage 1 the parameters' `.grad`.
         """
-        placement = self.placement
-        if self._reducer is not None:
-            grads = self._reducer.allocated_nbytes()  # shards and pooled full buckets
-            grads += sum(_nbytes(p.grad) for p in placement.params)  # left by no_sync()
-        else:
-            grads = sum(_nbytes(p.grad) for p in placement.params)
-        return {
-            "params": sum(_nbytes(b.buffer) for b in placement.buckets if b.buffer is not None)
-            + placement.storage.extra_nbytes(placement.params)
-            + (sum(_nbytes(p) for p in placement.params) if self._kind == "replicated" else 0),
-            "grads": grads,
-            "state": self.local_state_nbytes(),
-            "master": placement.masters.nbytes(),
-        }
+        return memory_nbytes(self.placement, self.optim, self._reducer)
 
     @property
     def stage(self) -> int:
@@ -609,28 +472,3 @@ class ShardedOptimizer(Optimizer):
         Collective: call on every rank of the group, in the same order.
         """
         return self._stepper.ctx.grads.unscale_(inv_scale, found_inf, allow_fp16=allow_fp16)
-
-
-def _class_default(optimizer_class: type[Optimizer], name: str) -> Any:
-    try:
-        default = inspect.signature(optimizer_class.__init__).parameters[name].default
-    except (KeyError, TypeError, ValueError):
-        return None
-    return None if default is inspect.Parameter.empty else default
-
-
-#: The step strategy of each sharding kind.
-_STRATEGIES: dict[Kind, type[StepSkeleton]] = {
-    "flat": ShardedStep,
-    "tensor": ShardedStep,
-    "replicated": ReplicatedStep,
-    "lbfgs": LBFGSStep,
-}
-
-
-def _nbytes(value: object) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0

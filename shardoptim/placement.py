@@ -156,6 +156,34 @@ class Placement:
                 numel=bucket.numel, dtype=dtype, device=device, bounds=bucket.bounds, shard_dtype=shard_dtype, slots=slots
             )
 
+    def add_group_(
+        self,
+        new_params: list[torch.Tensor],
+        param_groups: Sequence[Mapping[str, Any]],
+        optim: Optimizer,
+        reducer: GradReducer | None,
+    ) -> None:
+        """Place the last of `param_groups` (holding `new_params`) and add its local group to `optim`.
+
+        On a failure on any rank every rank restores what was placed before and raises.
+        Collective: call on every rank, in the same order (one small agreement on the CPU).
+        """
+        group_index = len(param_groups) - 1
+        first_bucket = len(self.buckets)
+        mark = self.mark()
+        failure: Exception | None = None
+        try:
+            optim.add_param_group(self.place_(new_params, [group_index], param_groups)[0])
+        except Exception as err:
+            failure = err
+        try:
+            self.meta.raise_if_any_failed(failure, what="add_param_group")
+        except Exception:
+            self.restore_(mark)
+            del optim.param_groups[group_index:]
+            raise
+        self.bind_(first_bucket, reducer)
+
     def mark(self) -> PlacementMark:
         """Return how much is placed now (for `restore_`)."""
         return PlacementMark(tuple(len(lst) for lst in self._lists()), tuple(self.tensor_loads))
@@ -193,6 +221,16 @@ class Placement:
         return sorted({p.device for p in self.params}, key=str)
 
     # --------------------------------------------------------------------------- state status
+
+    def open_entry(self) -> None:
+        """Make the entry check of consolidation and checkpoints (once construction succeeded on every rank)."""
+        self.entry = EntryCheck(
+            self.comm.group,
+            rank=self.comm.rank,
+            world_size=self.comm.world_size,
+            deadline_s=self.config.entry_timeout_s,
+            group_timeout_s=self.comm.timeout_s(),
+        )
 
     def enter(self, what: str, *, lone_rank: int) -> None:
         """Check that every rank calls the collective `what` before it starts (see EntryCheck.enter).

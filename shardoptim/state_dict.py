@@ -162,6 +162,27 @@ def _move(
             out.copy_(staging)
 
 
+def current(opt: ShardedOptimizer) -> dict[str, Any] | None:
+    """Return what `opt.state_dict()` returns without communicating, or None when it must refuse.
+
+    The consolidated state on its target rank (`{}` elsewhere), the empty state before any exists,
+    the full state at world size 1 (consolidated on the spot, nothing to gather from).
+    """
+    placement = opt.placement
+    if placement.consolidated is not None:
+        return placement.consolidated
+    if placement.consolidated_to is not None:
+        return {}
+    if not placement.has_state:
+        return {"state": {}, "param_groups": groups_with_indices(opt)}
+    if placement.comm.world_size > 1:
+        return None
+    full = consolidate(opt, to=0)
+    assert full is not None
+    placement.keep_consolidated(full, 0)
+    return full
+
+
 def groups_with_indices(opt: ShardedOptimizer) -> list[dict[str, Any]]:
     """Return the param groups as a torch.optim state_dict holds them: options and parameter indices.
 
