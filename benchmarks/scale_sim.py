@@ -320,7 +320,7 @@ class CollectiveRecorder:
     """Record every torch.distributed call made from a shardoptim module while active.
 
     Replaces, in every imported shardoptim module, the `torch.distributed` module reference and any
-    module-level alias of a recorded function (e.g. shardoptim.comm's `_all_gather_single`) with
+    module-level alias of a recorded function (e.g. shardoptim.transports' `all_gather_single`) with
     recording wrappers that then call torch's own function. All shardoptim submodules are imported
     on entry so that lazily imported ones are covered too. `phase` labels the records.
 

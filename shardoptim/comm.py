@@ -12,184 +12,41 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import statistics
-import sys
-import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from shardoptim.segments import Segments
+from shardoptim.groupinfo import group_device_types, warn_if_launched_unsharded
 from shardoptim.shm import SharedStaging, same_host
 from shardoptim.sidegroup import host_side_group
 from shardoptim.teardown import hold_until_exit
-
-if TYPE_CHECKING:
-    from shardoptim.mpi_comm import MpiCollectives
+from shardoptim.transports import (
+    Bucketlike,
+    BucketTransport,
+    PendingGather,
+    PendingReduce,
+    ShmTransport,
+    TorchTransport,
+    TransportName,
+    all_gather_single,
+)
 
 logger = logging.getLogger(__name__)
 
-#: How a bucket's shards reach every rank after the local update.
-#: "broadcast": one async broadcast per rank, each from the owner straight into its range of the
-#: bucket (measured about 3x faster than gloo's all_gather_into_tensor at 100 MB, 2 ranks);
-#: "all_gather": one in-place all_gather_into_tensor per bucket (the right call on NCCL);
-#: "shm": through a shared-memory staging buffer, when every rank of a CPU group is on one host
-#: (about 5x faster than gloo's broadcasts at 2 ranks; see benchmarks/step_time.py).
-#: Under an MPI launcher, CPU buckets may go through mpi4py instead (see `Comm.mpi_gather`).
-GatherMethod = Literal["broadcast", "all_gather", "shm"]
-
-#: Timing repeats per candidate when choosing between MPI and torch.distributed.
-_CALIBRATION_REPEATS = 3
 #: Waits outside torch.distributed (MPI, the shared-memory barrier) last at most this long when
 #: neither the Comm nor its process group says how long: torch's default group timeout.
 _DEFAULT_TIMEOUT_S = 1800.0
 #: Reductions (max/min) of CPU tensors up to this many bytes go through the shared staging when
 #: every rank is on one host: the per-step hyperparameter and flag agreement, mostly.
 _SMALL_SHM_NBYTES = 64 << 10
-#: Bucket bounds whose range sizes are kept (see Comm._ranges); more buckets than this recompute.
-_MAX_KEPT_RANGES = 1024
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
 
 #: The CPU side group of each accelerator-only process group (see `Comm.for_metadata`).
 _SIDE_GROUPS: dict[dist.ProcessGroup, dist.ProcessGroup] = {}
-
-# NOTE: torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single (the old names warn).
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-class PendingGather:
-    """Handles of the async collectives that fill one bucket; `wait()` blocks until they finish."""
-
-    def __init__(
-        self, comm: Comm, works: Sequence[dist.Work], what: str, finish: Callable[[], None] | None = None
-    ) -> None:
-        self._comm = comm
-        self._works = list(works)
-        self._what = what
-        self._finish = finish
-
-    def wait(self) -> None:
-        """Wait for every handle, raising a RuntimeError that names the operation on failure."""
-        for work in self._works:
-            self._comm.wait_work(work, self._what)
-        self._works.clear()
-        finish, self._finish = self._finish, None
-        if finish is not None:  # the padded transport: copy the ranks' ranges out into the bucket
-            finish()
-
-
-class PendingReduce:
-    """The async mean-reduce-scatter of one bucket; `wait()` finishes it into its `out` tensor."""
-
-    def __init__(
-        self,
-        comm: Comm,
-        works: Sequence[dist.Work],
-        *,
-        total: torch.Tensor | None,
-        out: torch.Tensor,
-        accumulate: bool,
-        what: str,
-        scale: float | None = None,
-    ) -> None:
-        self._comm = comm
-        self._works = list(works)
-        self._total = total
-        self._out = out
-        self._accumulate = accumulate
-        self._what = what
-        #: What the arrived total is multiplied by: 1 / world_size for a sum, 1 when already averaged.
-        self._scale = 1.0 / comm.world_size if scale is None else scale
-
-    @property
-    def done(self) -> bool:
-        """Whether the communication has finished (waiting would not block)."""
-        return all(work.is_completed() for work in self._works)
-
-    def wait(self) -> torch.Tensor:
-        """Wait; then `out` holds (out if accumulating, else 0) + sum / world_size. Returns `out`."""
-        for work in self._works:
-            self._comm.wait_work(work, self._what)
-        self._works.clear()
-        total, self._total = self._total, None
-        if total is not None:  # the sum arrived in a scratch tensor: take the mean into out
-            scale = self._scale
-            if self._accumulate:
-                self._out.add_(total, alpha=scale)
-            else:
-                self._out.copy_(total)
-                if scale != 1.0:
-                    self._out.mul_(scale)
-        return self._out
-
-
-_warned_unsharded = False
-
-
-def _warn_if_launched_unsharded() -> None:
-    """Warn once per process when a launcher set WORLD_SIZE > 1 but no process group exists.
-
-    The warning points at the first caller outside this package (the user's ShardedOptimizer(...)).
-    """
-    global _warned_unsharded
-    raw = os.environ.get("WORLD_SIZE", "")
-    if _warned_unsharded or not raw.strip().isdigit() or int(raw) <= 1:
-        return
-    _warned_unsharded = True
-    package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame, stacklevel = sys._getframe(0), 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir):
-        frame, stacklevel = frame.f_back, stacklevel + 1
-    warnings.warn(
-        f"WORLD_SIZE={int(raw)} is set but torch.distributed is not initialised, so the optimizer is not "
-        "sharded: every process runs alone at world size 1 with the full optimizer state; call "
-        "shardoptim.init_distributed() (or torch.distributed.init_process_group) before building it",
-        stacklevel=stacklevel,
-    )
-
-
-#: The padded transports of uneven ranges (whole-tensor layouts) send world_size x the largest
-#: range; above this multiple of the bucket itself they fall back to one call per owner.
-_MAX_PADDED_RATIO = 2.0
-
-
-def _pads_cheaply(sizes: Sequence[int]) -> bool:
-    """Whether padding every range of `sizes` to the largest costs at most _MAX_PADDED_RATIO x their sum."""
-    total = sum(sizes)
-    return total > 0 and len(sizes) * max(sizes) <= _MAX_PADDED_RATIO * total
-
-
-def _padded_rows(
-    padded: torch.Tensor, bucket: torch.Tensor, bounds: Sequence[int], width: int
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Return, per rank, its row of `padded` (the first `size` elements of it) and its range of `bucket`."""
-    sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
-    rows = [padded.narrow(0, r * width, numel) for r, numel in enumerate(sizes)]
-    parts = [bucket.narrow(0, lo, numel) for lo, numel in zip(bounds, sizes)]
-    return rows, parts
-
-
-def _group_device_types(group: dist.ProcessGroup | None, backend: str) -> tuple[str, ...]:
-    """Return the device types `group` has backends for, from the group (or the backend string)."""
-    try:
-        assert group is not None
-        types = tuple(dict.fromkeys(d.type for d in group._device_types))
-    except (AttributeError, AssertionError, RuntimeError):
-        types = ()
-    if types:
-        return types
-    # A torch without _device_types, or a group whose backends are not registered yet:
-    # "cpu:gloo,cuda:nccl" names its devices; a plain name is NCCL's CUDA or a CPU backend.
-    if ":" in backend:
-        return tuple(dict.fromkeys(part.split(":")[0].strip() for part in backend.split(",")))
-    return ("cuda",) if backend == "nccl" else ("cpu",)
 
 
 class Comm:
@@ -230,21 +87,14 @@ class Comm:
             hold_until_exit(group)
         else:
             self.rank, self.world_size, self.backend = 0, 1, "none"
-            _warn_if_launched_unsharded()
+            warn_if_launched_unsharded()
         self.timeout = timeout
-        #: None until the first bucket gather picks one (that choice is a collective).
-        self.gather_method: GatherMethod | None = None if self.backend == "gloo" else "all_gather"
-        #: Whether CPU bucket gathers / fp32-fp64 reduce-scatters go through mpi4py (None: not
-        #: decided yet; decided on first use by timing both ways, the same on every rank).
-        self.mpi_gather: bool | None = None if self.backend == "gloo" else False
-        self.mpi_reduce: bool | None = None if self.backend == "gloo" else False
+        #: The bucket transport of each device type, chosen on first use and then fixed.
+        self._transports: dict[str, BucketTransport] = {}
         self._staging: SharedStaging | None = None
-        self._mpi: MpiCollectives | None = None
-        self._scratches: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         #: Host reads of collective results off the CPU so far (see `to_host`); shared with the
         #: metadata Comm (`for_metadata`), so one count covers the whole step.
         self.host_reads = [0]
-        self._bounds_to_ranges: dict[int, tuple[Sequence[int], list[int], bool]] = {}
 
     def for_metadata(self) -> Comm:
         """Return the Comm for the step's small metadata that the host reads (agreements, flags).
@@ -274,65 +124,66 @@ class Comm:
             )
         return meta
 
-    def _resolve_gather_method(self) -> GatherMethod:
-        if self.gather_method is None:
-            gather_object = functools.partial(self.all_gather_object, what="host check")
-            self.gather_method = "shm" if same_host(gather_object) else "broadcast"
-            self._mpi = self._open_mpi()
-            logger.debug("%sbucket gather method: %s", self.prefix, self.gather_method)
-        return self.gather_method
+    def transport(self, device: torch.device) -> BucketTransport:
+        """Return how buckets on `device` move between ranks (shardoptim.transports), chosen once.
 
-    def _open_mpi(self) -> MpiCollectives | None:
-        """Return MPI collectives when the user allows them and every rank can use them.
+        Accelerator buckets, and every bucket of a group without gloo, use torch's collectives
+        ("all_gather"). CPU buckets of a gloo group use the shared-memory staging when every rank
+        is on one host and the area can be mapped, else gloo broadcasts; under an MPI launcher
+        (comm_backend "auto" or "mpi") mpi4py serves what it does faster.
 
-        Collective: one object all-gather, so every rank agrees.
+        Collective on first use for each device type: call on every rank, in the same order.
         """
+        found = self._transports.get(device.type)
+        if found is None:
+            found = self._transports[device.type] = self._choose_transport(device)
+            logger.debug("%sbucket transport for %s: %s", self.prefix, device.type, found.name)
+        return found
+
+    def _choose_transport(self, device: torch.device) -> BucketTransport:
+        if device.type != "cpu" or self.backend != "gloo":
+            return TorchTransport(self, "all_gather")
+        base: BucketTransport = TorchTransport(self, "broadcast")
+        if same_host(functools.partial(self.all_gather_object, what="host check")):
+            staging = self._shared_staging()
+            if staging.map_("shared-memory setup"):  # same answer on every rank
+                base = ShmTransport(self, staging)
         if self.backend_choice == "torch":
-            return None
-        from shardoptim.mpi_comm import MpiCollectives
+            return base
+        from shardoptim.mpi_transport import MpiTransport, open_mpi
 
-        mpi = MpiCollectives.create(
-            self.rank,
-            world_size=self.world_size,
-            global_ranks=[self.global_rank(r) for r in range(self.world_size)],
-            timeout_s=self.timeout_s(),
-        )
-        everyone = self.all_gather_object(mpi is not None, what="MPI availability check")
-        if all(everyone):
-            return mpi
-        if self.backend_choice == "mpi":
-            raise ValueError(
-                f"{self.prefix}comm_backend='mpi' but MPI cannot serve this group on ranks "
-                f"{[r for r, ok in enumerate(everyone) if not ok]}: launch with mpirun/mpiexec, install mpi4py "
-                "(pip install shardoptim[mpi]) and shard over the whole MPI world; or use comm_backend='auto'"
-            )
-        return None
+        mpi = open_mpi(self)
+        return base if mpi is None else MpiTransport(self, mpi, base, forced=self.backend_choice == "mpi")
 
-    def _faster_than_torch(
-        self, run_mpi: Callable[[], None], run_torch: Callable[[], None], what: str
-    ) -> bool:
-        """Time both ways of one idempotent collective; return whether MPI wins on the slowest rank.
+    def use_transport(self, name: TransportName) -> None:
+        """Fix the transport of CPU buckets to `name` ("broadcast", "all_gather" or "shm") before first use.
 
-        Collective: both candidates run on every rank, then one object all-gather of the timings.
+        For comparisons (benchmarks, tests); the automatic choice is `transport`. Raises when
+        "shm" cannot be mapped. Collective: call on every rank, in the same order.
         """
-        if self.backend_choice == "mpi":
-            return True
+        if name == "shm":
+            staging = self._shared_staging()
+            if not staging.map_("shared-memory setup"):
+                raise RuntimeError(f"{self.prefix}the shared-memory staging area cannot be mapped here")
+            self._transports["cpu"] = ShmTransport(self, staging)
+        elif name in ("broadcast", "all_gather"):
+            self._transports["cpu"] = TorchTransport(self, name)
+        else:
+            raise ValueError(f"use_transport takes 'broadcast', 'all_gather' or 'shm', got {name!r}")
 
-        def median_s(run: Callable[[], None]) -> float:
-            times = []
-            for _ in range(_CALIBRATION_REPEATS):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
-            return statistics.median(times)
+    @property
+    def gather_method(self) -> TransportName:
+        """The name of the CPU buckets' transport (choosing it: collective on first use)."""
+        return self.transport(torch.device("cpu")).name
 
-        mine = (median_s(run_mpi), median_s(run_torch))
-        rank_to_times = self.all_gather_object(mine, what=f"{what} calibration")
-        mpi_s = max(t[0] for t in rank_to_times)  # type: ignore[index]
-        torch_s = max(t[1] for t in rank_to_times)  # type: ignore[index]
-        if self.rank == 0:
-            logger.info("%s: MPI %.2f ms, torch.distributed %.2f ms", what, 1e3 * mpi_s, 1e3 * torch_s)
-        return bool(mpi_s < torch_s)
+    def shared_staging(self) -> SharedStaging | None:
+        """The shared-memory staging area when CPU buckets go through it, else None (collective on first use)."""
+        transport = self.transport(torch.device("cpu"))
+        other = getattr(transport, "other", None)
+        for candidate in (transport, other):
+            if isinstance(candidate, ShmTransport):
+                return candidate.staging
+        return None
 
     def timeout_s(self) -> float:
         """Seconds a wait outside torch.distributed (MPI, the shared-memory barrier) may last.
@@ -381,7 +232,7 @@ class Comm:
         """
         if not self.is_distributed:
             return ("cpu",)
-        return _group_device_types(self.group if self.group is not None else dist.group.WORLD, self.backend)
+        return group_device_types(self.group if self.group is not None else dist.group.WORLD, self.backend)
 
     @property
     def device(self) -> torch.device:
@@ -478,120 +329,37 @@ class Comm:
         """
         if self.world_size == 1 or bounds[-1] == 0:
             return PendingGather(self, [], what)
-        sizes, even = self._ranges(bounds)
-        works: list[dist.Work] = []
-        method = self._resolve_gather_method()
-        mpi = self._mpi
-        if mpi is not None and bucket.device.type == "cpu" and bucket.element_size() in (1, 2, 4, 8):
-            if self.mpi_gather is None:
-                self.mpi_gather = False  # the torch candidate below must not recurse into MPI
-                self.mpi_gather = self._faster_than_torch(
-                    lambda: mpi.all_gather_bucket_(bucket, bounds),
-                    lambda: self.gather_bucket_async(bucket, bounds, what=what).wait(),
-                    what="bucket gather",
-                )
-            if self.mpi_gather:
-                mpi.all_gather_bucket_(bucket, bounds)
-                return PendingGather(self, [], what)
-        if method == "shm" and bucket.device.type == "cpu":
-            if self._shared_staging().gather_(bucket, bounds):
-                return PendingGather(self, [], what)
-            self.gather_method = method = "broadcast"  # /dev/shm too small: same on every rank
-        if method == "all_gather" and even:
-            mine = bucket.narrow(0, bounds[self.rank], sizes[self.rank])
-            work = _all_gather_single(bucket, mine, group=self.group, async_op=True)
-            assert work is not None
-            works.append(work)
-        elif method == "all_gather" and _pads_cheaply(sizes):
-            # Uneven ranges (whole-tensor layouts): every range padded to the largest, one call.
-            width = max(sizes)
-            padded = torch.empty(self.world_size * width, dtype=bucket.dtype, device=bucket.device)
-            rows, parts = _padded_rows(padded, bucket, bounds, width)
-            rows[self.rank].copy_(parts[self.rank])
-            work = _all_gather_single(padded, padded.narrow(0, self.rank * width, width), group=self.group, async_op=True)
-            assert work is not None
-            others = [r for r in range(self.world_size) if r != self.rank and sizes[r]]
-
-            def unpad() -> None:
-                torch._foreach_copy_([parts[r] for r in others], [rows[r] for r in others])
-
-            return PendingGather(self, [work], what, finish=unpad if others else None)
-        else:
-            for rank, numel in enumerate(sizes):
-                if numel == 0:
-                    continue
-                part = bucket.narrow(0, bounds[rank], numel)
-                work = dist.broadcast(part, src=self.global_rank(rank), group=self.group, async_op=True)
-                assert work is not None
-                works.append(work)
-        return PendingGather(self, works, what)
-
-    def _ranges(self, bounds: Sequence[int]) -> tuple[list[int], bool]:
-        """Return the size of every rank's range of `bounds` and whether they are all equal.
-
-        Kept per bounds object (a bucket's bounds never change): at thousands of ranks, building
-        them again for every bucket of every step was most of the step's host time.
-        """
-        key = id(bounds)
-        hit = self._bounds_to_ranges.get(key)
-        if hit is not None and hit[0] is bounds:
-            return hit[1], hit[2]
-        sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
-        even = len(set(sizes)) == 1
-        if len(self._bounds_to_ranges) >= _MAX_KEPT_RANGES:
-            self._bounds_to_ranges.clear()
-        self._bounds_to_ranges[key] = (bounds, sizes, even)
-        return sizes, even
+        return self.transport(bucket.device).gather_async(bucket, bounds, what=what)
 
     def gathers_synchronously(self, device: torch.device) -> bool:
         """Whether bucket gathers on `device` complete inside the call (shared memory or MPI).
 
         Such gathers cannot overlap the next bucket's update, so the optimizer batches them with
-        `gather_buckets_`. Collective on first use (it settles the gather method).
+        `gather_buckets_`. Collective on first use (it chooses the transport).
         """
-        if self.world_size == 1 or device.type != "cpu":
-            return False
-        method = self._resolve_gather_method()
-        return method == "shm" or (self._mpi is not None and self.mpi_gather is not False)
+        return self.world_size > 1 and self.transport(device).synchronous
 
     def gathers_in_place(self, device: torch.device) -> bool:
-        """Whether bucket gathers on `device` go through shared memory, which takes `Segments`.
+        """Whether bucket gathers on `device` take `Segments` (shared memory: the parameters' own storage).
 
-        Such a gather reads and writes the parameters' own storage directly (no whole-bucket
-        buffer). Collective on first use (it settles the gather method).
+        Collective on first use (it chooses the transport).
         """
-        synchronous = self.gathers_synchronously(device)  # settles gather_method and MPI
-        return synchronous and self.gather_method == "shm" and (self._mpi is None or self.mpi_gather is False)
+        return self.world_size > 1 and self.transport(device).in_place
 
-    def gather_buckets_(self, buckets: Sequence[tuple[torch.Tensor | Segments, Sequence[int]]], *, what: str) -> None:
-        """Gather several buckets now; on shared memory in rounds of one staging half, one barrier each.
+    def gather_buckets_(self, buckets: Sequence[tuple[Bucketlike, Sequence[int]]], *, what: str) -> None:
+        """Gather several buckets now (on shared memory in rounds of one staging half, one barrier each).
 
-        A bucket may be given as `Segments` only where `gathers_in_place` holds (it still works
-        if the shared memory turns out too small, through a whole-bucket copy).
-
-        Collective: call on every rank of the group, in the same order, with the same buckets.
+        A bucket may be given as `Segments` only where `gathers_in_place` holds. Collective: call
+        on every rank of the group, in the same order, with the same buckets.
         """
-        batch: list[tuple[torch.Tensor | Segments, Sequence[int]]] = []
-        method = self._resolve_gather_method()
-        if method == "shm" and (self._mpi is None or self.mpi_gather is False):
-            staged = [(b, bounds) for b, bounds in buckets if b.device.type == "cpu" and bounds[-1] > 0]
-            batch = [(b, bounds) for b, bounds in buckets if b.device.type != "cpu" or bounds[-1] == 0]
-            if staged and not self._shared_staging().gather_many_(staged):
-                self.gather_method = "broadcast"  # /dev/shm too small: same on every rank
-                batch.extend(staged)
-        else:
-            batch = list(buckets)
-        pending = []
-        for given, bounds in batch:
-            if isinstance(given, Segments):  # the shared memory failed: through a whole copy
-                whole = torch.zeros(given.numel, dtype=given.dtype, device=given.device)
-                given.read_(0, given.numel, whole)
-                self.gather_bucket_async(whole, bounds, what=what).wait()
-                given.write_(0, given.numel, whole)
-            else:
-                pending.append(self.gather_bucket_async(given, bounds, what=what))
-        for handle in pending:
-            handle.wait()
+        if self.world_size == 1:
+            return
+        by_type: dict[str, list[tuple[Bucketlike, Sequence[int]]]] = {}
+        for given, bounds in buckets:
+            if bounds[-1] > 0:
+                by_type.setdefault(given.device.type, []).append((given, bounds))
+        for kind in sorted(by_type):  # the same order on every rank
+            self.transport(torch.device(kind)).gather_many_(by_type[kind], what=what)
 
     def reduce_scatter_mean_async(
         self, bucket: torch.Tensor, bounds: Sequence[int], out: torch.Tensor, *, accumulate: bool, what: str
@@ -612,72 +380,10 @@ class Comm:
             accumulate: add to `out` instead of overwriting it.
             what: a name for error messages.
         """
-        start, end = bounds[self.rank], bounds[self.rank + 1]
         if self.world_size == 1 or bounds[-1] == 0:
+            start, end = bounds[self.rank], bounds[self.rank + 1]
             return PendingReduce(self, [], total=bucket[start:end], out=out, accumulate=accumulate, what=what)
-        sizes, even = self._ranges(bounds)
-        method = self._resolve_gather_method()
-        mpi = self._mpi
-        if mpi is not None and bucket.device.type == "cpu" and bucket.dtype in (torch.float32, torch.float64):
-            # NOTE: never bf16/fp16: MPI has no type that adds them correctly.
-            total = self._scratch(end - start, bucket.dtype)
-            if self.mpi_reduce is None:
-                self.mpi_reduce = False
-                if method == "shm":  # the one torch way that is idempotent and may be faster
-                    staging = self._shared_staging()
-
-                    def torch_way() -> None:
-                        staging.reduce_scatter_(bucket, bounds, torch.empty_like(total))
-
-                    self.mpi_reduce = self._faster_than_torch(
-                        lambda: mpi.reduce_scatter_bucket_(bucket, bounds, total),
-                        torch_way,
-                        what="gradient reduce-scatter",
-                    )
-                else:
-                    self.mpi_reduce = True  # gloo over TCP: measured 2-4x slower (benchmarks/comm.py)
-            if self.mpi_reduce:
-                mpi.reduce_scatter_bucket_(bucket, bounds, total)
-                return PendingReduce(self, [], total=total, out=out, accumulate=accumulate, what=what)
-        if method == "shm" and bucket.device.type == "cpu":
-            scale = 1.0 / self.world_size
-            if out.dtype in (torch.float16, torch.bfloat16):  # sums in out's dtype: divide first
-                bucket.div_(self.world_size)
-                scale = 1.0
-            staging = self._shared_staging()
-            if staging.reduce_scatter_(bucket, bounds, out, accumulate=accumulate, scale=scale):
-                return PendingReduce(self, [], total=None, out=out, accumulate=accumulate, what=what)
-            self.gather_method = method = "broadcast"  # /dev/shm too small: same on every rank
-        works: list[dist.Work | None] = []
-        op, mean_scale = self._mean_op_(bucket)
-        if even:
-            # a fresh result per launch: several of these may be in flight at once
-            total = torch.empty(end - start, dtype=bucket.dtype, device=bucket.device)
-            works.append(_reduce_scatter_single(total, bucket, op=op, group=self.group, async_op=True))
-        elif method == "all_gather" and _pads_cheaply(sizes):
-            # Uneven ranges (whole-tensor layouts): every range padded to the largest, one call.
-            width = max(sizes)
-            padded = torch.zeros(self.world_size * width, dtype=bucket.dtype, device=bucket.device)
-            rows, parts = _padded_rows(padded, bucket, bounds, width)
-            filled = [r for r in range(self.world_size) if sizes[r]]
-            torch._foreach_copy_([rows[r] for r in filled], [parts[r] for r in filled])
-            result = torch.empty(width, dtype=bucket.dtype, device=bucket.device)
-            works.append(_reduce_scatter_single(result, padded, op=op, group=self.group, async_op=True))
-            total = result.narrow(0, 0, end - start)
-        else:
-            # Uneven ranges (whole-tensor layouts): one reduce per owner, into its own range.
-            for rank, numel in enumerate(sizes):
-                if numel:
-                    part = bucket.narrow(0, bounds[rank], numel)
-                    works.append(
-                        dist.reduce(part, dst=self.global_rank(rank), op=op, group=self.group, async_op=True)
-                    )
-            total = bucket[start:end]
-        assert all(work is not None for work in works)
-        done = [w for w in works if w is not None]
-        return PendingReduce(
-            self, done, total=total, out=out, accumulate=accumulate, what=what, scale=mean_scale
-        )
+        return self.transport(bucket.device).reduce_scatter_async(bucket, bounds, out, accumulate=accumulate, what=what)
 
     def _averages_natively(self, device: torch.device) -> bool:
         """Whether the group's backend for `device` averages itself (NCCL's ReduceOp.AVG; gloo has none)."""
@@ -691,7 +397,7 @@ class Comm:
             return False
         return "nccl" in type(backend).__name__.lower()
 
-    def _mean_op_(self, tensor: torch.Tensor) -> tuple[dist.ReduceOp.RedOpType, float | None]:
+    def mean_op_(self, tensor: torch.Tensor) -> tuple[dist.ReduceOp.RedOpType, float | None]:
         """Return (the reduce op, the scale of its result) for a mean of `tensor` over the ranks.
 
         fp32/fp64: a SUM, divided afterwards (scale None: 1 / world_size). fp16/bf16, whose sum over
@@ -705,17 +411,6 @@ class Comm:
             return dist.ReduceOp.AVG, 1.0
         tensor.div_(self.world_size)
         return dist.ReduceOp.SUM, 1.0
-
-    def _scratch(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """Return a reused CPU scratch tensor (fresh large allocations cost page faults every step).
-
-        NOTE: for the synchronous (MPI) path only: its reduction is complete when the call
-        returns, and the caller finishes it (wait) before launching another.
-        """
-        scratch = self._scratches.get((numel, dtype))
-        if scratch is None:
-            scratch = self._scratches[(numel, dtype)] = torch.empty(numel, dtype=dtype)
-        return scratch
 
     def broadcast_(self, tensor: torch.Tensor, *, src: int = 0, what: str) -> None:
         """Overwrite `tensor` with rank `src`'s copy (src is a rank in the shard group).
@@ -735,10 +430,11 @@ class Comm:
         """
         if self.world_size == 1:
             return
-        if op in ("max", "min") and self._small_through_shm(tensor):
-            if self._shared_staging().all_reduce_max_(tensor, what=what, negate=op == "min"):
-                return
-            self.gather_method = "broadcast"  # /dev/shm too small: same on every rank
+        staging = self._small_through_shm(tensor) if op in ("max", "min") else None
+        if staging is not None:
+            mapped = staging.all_reduce_max_(tensor, what=what, negate=op == "min")
+            assert mapped, "the staging area is mapped before its transport is chosen"
+            return
         red = {
             "sum": dist.ReduceOp.SUM,
             "mean": dist.ReduceOp.SUM,
@@ -748,24 +444,24 @@ class Comm:
         scale: float | None = None
         red_op = red[op]
         if op == "mean":
-            red_op, scale = self._mean_op_(tensor)
+            red_op, scale = self.mean_op_(tensor)
         work = dist.all_reduce(tensor, op=red_op, group=self.group, async_op=True)
         assert work is not None
         self.wait_work(work, what)
         if op == "mean" and scale is None:
             tensor.div_(self.world_size)
 
-    def _small_through_shm(self, tensor: torch.Tensor) -> bool:
-        """Whether a small CPU reduction goes through the shared staging (every rank on one host).
+    def _small_through_shm(self, tensor: torch.Tensor) -> SharedStaging | None:
+        """The staging area when a small CPU reduction goes through it (every rank on one host), else None.
 
         The same answer on every rank for the same tensor sizes. Collective on first use (it
-        settles the gather method).
+        chooses the CPU transport).
         """
         if tensor.device.type != "cpu" or tensor.numel() * tensor.element_size() > _SMALL_SHM_NBYTES:
-            return False
+            return None
         if not (dist.is_available() and self.backend == "gloo"):
-            return False
-        return self._resolve_gather_method() == "shm" and (self._mpi is None or self.mpi_gather is False)
+            return None
+        return self.shared_staging()
 
     def all_gather(self, tensor: torch.Tensor, *, what: str) -> torch.Tensor:
         """Return a (world_size, *tensor.shape) tensor of every rank's `tensor`.
@@ -777,7 +473,7 @@ class Comm:
         if self.world_size == 1:
             out.copy_(flat)
         else:
-            work = _all_gather_single(out, flat, group=self.group, async_op=True)
+            work = all_gather_single(out, flat, group=self.group, async_op=True)
             assert work is not None
             self.wait_work(work, what)
         return out.view(self.world_size, *tensor.shape)

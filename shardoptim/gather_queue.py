@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from shardoptim.comm import Comm, PendingGather
+from shardoptim.comm import Comm
 from shardoptim.pieces import Bucket
 from shardoptim.storage import ParamStorage
+from shardoptim.transports import PendingGather
 
 if TYPE_CHECKING:
     from shardoptim.placement import Placement

@@ -28,7 +28,8 @@ import torch
 
 from shardoptim.buffers import memory_perm, to_flat
 from shardoptim.bufpool import BufferPool
-from shardoptim.comm import Comm, PendingReduce
+from shardoptim.comm import Comm
+from shardoptim.transports import PendingReduce
 
 if TYPE_CHECKING:
     from shardoptim.placement import Placement

@@ -132,7 +132,7 @@ class SharedStaging:
         """Bytes of shared memory mapped now (0 before the first use)."""
         return self._buffer.numel()
 
-    def _ensure(self, what: str) -> bool:
+    def map_(self, what: str) -> bool:
         """Map both halves on first use; return False on every rank if /dev/shm is too small.
 
         Rank 0 reserves the file's blocks with posix_fallocate before anyone maps it: a sparse
@@ -209,7 +209,7 @@ class SharedStaging:
 
         Collective: call on every rank of the group, in the same order, with the same sizes.
         """
-        if not self._ensure(_GATHER):
+        if not self.map_(_GATHER):
             return False
         cacheable = all(isinstance(given, Segments) for given, _ in buckets)
         segments: list[_Segment] = []
@@ -297,7 +297,7 @@ class SharedStaging:
         """
         what = f"{what} (shared memory)"
         nbytes = _aligned(tensor.numel() * tensor.element_size())
-        if nbytes * self._world_size > self._half_nbytes or not self._ensure(what):
+        if nbytes * self._world_size > self._half_nbytes or not self.map_(what):
             return False
         slots = self._next_half()[: nbytes * self._world_size].view(self._world_size, nbytes).view(tensor.dtype)
         numel = tensor.numel()
@@ -329,7 +329,7 @@ class SharedStaging:
 
         Collective: call on every rank of the group, in the same order, with the same sizes.
         """
-        if not self._ensure(_REDUCE):
+        if not self.map_(_REDUCE):
             return False
         world, itemsize, me = self._world_size, bucket.element_size(), self._rank
         others = max(world - 1, 1)

@@ -21,7 +21,7 @@ def _check_low_precision_means(rank: int, world_size: int) -> list[list[float]]:
     results = []
     for method in ("broadcast", "shm"):  # the torch.distributed path, the shared-memory one
         comm = Comm()
-        comm.gather_method, comm.mpi_reduce = method, False
+        comm.use_transport(method)  # type: ignore[arg-type]
         results += _means(comm)
     return results
 
@@ -122,7 +122,7 @@ def _check_uneven_ranges_one_call(rank: int, world_size: int) -> dict[str, int]:
 
     import torch.distributed as dist
 
-    from shardoptim import comm as comm_module
+    from shardoptim import transports
 
     calls = {"per_owner": 0, "one": 0}
 
@@ -134,13 +134,13 @@ def _check_uneven_ranges_one_call(rank: int, world_size: int) -> dict[str, int]:
         return wrapper
 
     comm = Comm()
-    comm.gather_method, comm.mpi_gather, comm.mpi_reduce = "all_gather", False, False
+    comm.use_transport("all_gather")
     bounds = [0, 3, 7] if world_size == 2 else [0, 3, 7, 9]
     with (
         mock.patch.object(dist, "broadcast", counting("per_owner", dist.broadcast)),
         mock.patch.object(dist, "reduce", counting("per_owner", dist.reduce)),
-        mock.patch.object(comm_module, "_all_gather_single", counting("one", comm_module._all_gather_single)),
-        mock.patch.object(comm_module, "_reduce_scatter_single", counting("one", comm_module._reduce_scatter_single)),
+        mock.patch.object(transports, "all_gather_single", counting("one", transports.all_gather_single)),
+        mock.patch.object(transports, "reduce_scatter_single", counting("one", transports.reduce_scatter_single)),
     ):
         bucket = torch.zeros(bounds[-1])
         bucket[bounds[rank] : bounds[rank + 1]] = rank + 1.0
@@ -157,7 +157,7 @@ def _check_uneven_ranges_one_call(rank: int, world_size: int) -> dict[str, int]:
     model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 5))
     ref = copy.deepcopy(model)
     opt = ShardedOptimizer(model.parameters(), torch.optim.Adafactor, stage=2, lr=1e-2)
-    opt.placement.comm.gather_method, opt.placement.comm.mpi_gather, opt.placement.comm.mpi_reduce = "all_gather", False, False
+    opt.placement.comm.use_transport("all_gather")
     ref_opt = torch.optim.Adafactor(ref.parameters(), lr=1e-2)
     x = torch.randn(4, 8)
     _steps_side_by_side(model, opt, ref, ref_opt, x, steps=2)

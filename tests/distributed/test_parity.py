@@ -247,7 +247,7 @@ def _check_gather_methods(rank: int, world_size: int, *, method: str) -> str:
     ref.load_state_dict(model.state_dict())
     opt = ShardedOptimizer(_groups(model, CASES["AdamW"]), torch.optim.AdamW, bucket_numel=512)
     if method != "auto":
-        opt.placement.comm.gather_method = method  # type: ignore[assignment]
+        opt.placement.comm.use_transport(method)  # type: ignore[arg-type]
     ref_opt = torch.optim.AdamW(_groups(ref, CASES["AdamW"]), fused=True)
     assert len(opt.placement.buckets) > 1
     for step in range(3):
