@@ -34,16 +34,13 @@ from pathlib import Path
 if __package__ in (None, ""):
     # NOTE: run as a script: make `shardoptim` (repo root) and `_shapes` (this folder) importable.
     sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+    from _shapes import MODELS, check_totals, numel_of
+else:
+    from benchmarks._shapes import MODELS, check_totals, numel_of
 
-from _shapes import MODELS, check_totals, numel_of  # noqa: E402
-
-from shardoptim.layout import (  # noqa: E402
-    assign_whole_tensors,
-    build_flat_layout,
-    build_tensor_layout,
-    greedy_param_partition,
-    muon_cost,
-)
+from shardoptim.flat_layout import build_flat_layout  # noqa: E402
+from shardoptim.tensor_layout import build_tensor_layout  # noqa: E402
+from shardoptim.tensor_owners import assign_whole_tensors, muon_cost  # noqa: E402
 
 #: The flat layout must stay within this factor of ideal for every model and world size.
 FLAT_TOLERANCE = 1.001
@@ -73,6 +70,19 @@ class Row:
     """Whole tensors by Muon cost, in Muon-cost units."""
     muon_numel: float
     """The same assignment as muon_cost, in elements."""
+
+
+def greedy_param_partition(numels: Sequence[int], *, num_shards: int) -> list[int]:
+    """Return the per-rank elements of a parameter-granular greedy partition (largest first).
+
+    This is the partition torch's ZeroRedundancyOptimizer uses, the baseline this benchmark compares
+    the flat layout against (tests/unit/test_balance.py checks it against torch's own rule).
+    """
+    owners = assign_whole_tensors([float(n) for n in numels], num_shards=num_shards)
+    totals = [0] * num_shards
+    for numel, owner in zip(numels, owners, strict=True):
+        totals[owner] += numel
+    return totals
 
 
 def _max_over_ideal(rank_to_load: Sequence[float], total: float) -> float:

@@ -1084,7 +1084,8 @@ def print_growth(rows_by_key: dict[tuple[str, int], list[Row]]) -> list[str]:
 def print_what_if(models: Sequence[str], ranks: Sequence[int]) -> None:
     """Print the layout-only padding at other shard alignments (no optimizer built)."""
     from shardoptim.config import DEFAULT_BUCKET_NUMEL, DEFAULT_STAGE2_BUCKET_NUMEL
-    from shardoptim.layout import DEFAULT_ALIGN, build_flat_layout
+    from shardoptim.flat_layout import build_flat_layout
+    from shardoptim.layout import DEFAULT_ALIGN
 
     n = max(ranks)
     aligns = (DEFAULT_ALIGN, 64, 4)

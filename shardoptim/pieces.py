@@ -12,16 +12,12 @@ from dataclasses import dataclass, field
 import torch
 
 from shardoptim.buffers import FlatBuffers, from_flat, memory_perm
-from shardoptim.layout import (
-    Layout,
-    ShardRange,
-    align_for_itemsize,
-    assign_whole_tensors,
-    build_flat_layout,
-    build_tensor_layout,
-)
+from shardoptim.flat_layout import build_flat_layout
+from shardoptim.layout import Layout, ShardRange, align_for_itemsize
 from shardoptim.master import MasterPiece, MasterShards, needs_master
 from shardoptim.segments import Segments
+from shardoptim.tensor_layout import build_tensor_layout
+from shardoptim.tensor_owners import assign_whole_tensors
 
 
 @dataclass(slots=True)

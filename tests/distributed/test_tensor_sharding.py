@@ -331,7 +331,7 @@ _SMALL = [(64, 64)] * 20 + [(128, 32)] * 6 + [(48, 48)] * 5
 
 
 def _longest_first(numels: list[int], num_shards: int) -> list[int]:
-    """Reference longest-processing-time-first loads, written independently of shardoptim.layout."""
+    """Reference longest-processing-time-first loads, written independently of shardoptim.tensor_owners."""
     loads = [0] * num_shards
     for numel in sorted(numels, reverse=True):
         rank = min(range(num_shards), key=lambda r: (loads[r], r))

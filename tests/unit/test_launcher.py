@@ -11,7 +11,8 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from shardoptim.launcher import LaunchEnv, expand_hostlist, init_distributed
+from shardoptim.launch_env import LaunchEnv, expand_hostlist
+from shardoptim.launcher import init_distributed
 
 TORCHRUN = {
     "TORCHELASTIC_RUN_ID": "abc",
@@ -406,7 +407,7 @@ def test_default_backend_with_cuda_has_a_cpu_side(monkeypatch: pytest.MonkeyPatc
     chosen: list[str] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(launcher.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(launcher, "_open_store", lambda *a, **k: None)
+    monkeypatch.setattr(launcher, "open_store", lambda *a, **k: None)
     monkeypatch.setattr(launcher, "_INFO", None)  # restored afterwards
 
     def create_group(launch: LaunchEnv, backend: str, *args: object, **kwargs: object) -> launcher.DistInfo:
