@@ -85,7 +85,7 @@ from _bench import current_rss_nbytes, markdown_table, peak_rss_nbytes, run_fres
 from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: E402
 
 import shardoptim  # noqa: E402
-import shardoptim.optimizer as so_optimizer  # noqa: E402
+import shardoptim.stepping as so_stepping  # noqa: E402
 from shardoptim.gather_queue import gather_all  # noqa: E402
 
 LR = 1e-3
@@ -251,11 +251,12 @@ def _instrument(opt: shardoptim.ShardedOptimizer, phases: _Phases) -> None:
     library's internals change. What is not wrapped is reported as "other".
     """
     optional = [
-        (so_optimizer, "sync_hparams_", "hparam sync"),
-        (so_optimizer, "copy_hparams_", "hparam sync"),
-        (getattr(opt, "_hparams", None), "sync_", "hparam sync"),
-        (opt, "_settle", "storage check"),
-        (opt, "_attach_grads", "attach grads"),
+        (so_stepping, "copy_hparams_", "hparam sync"),
+        (opt._stepper.ctx.hparams, "sync_", "hparam sync"),
+        (opt.placement, "settle_", "storage check"),
+        (opt._stepper, "attach_grads", "attach grads"),
+        (opt._stepper, "clear_grads", "attach grads"),
+        (opt.placement.comm, "gather_buckets_", "gather (batched rounds)"),
     ]
     for obj, attr, name in optional:
         if obj is not None and callable(getattr(obj, attr, None)):
@@ -297,10 +298,10 @@ def _profile(opt: shardoptim.ShardedOptimizer, *, warmup: int, steps: int) -> di
 
     def update_only() -> None:
         with torch.no_grad():
-            opt._stepper.attach_grads(active, None)
+            hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
+            opt._stepper.attach_grads(active, None, hidden)  # type: ignore[attr-defined]
             opt.optim.step()
-            for piece in opt.placement.pieces:
-                piece.local.grad = None
+            opt._stepper.clear_grads(hidden)  # type: ignore[attr-defined]
 
     def gather_only() -> None:
         gather_all(opt.placement)  # own storage: into scratch buckets, then copied out into the parameters

@@ -51,19 +51,26 @@ class OwnedGrads:
         # (add_param_group, or its rollback).
         self._plan: list[tuple[int, bool, bool, bool, MemoryPerm]] = []
 
-    def piece_grads(self, active: Sequence[bool], has_grad: Sequence[bool] | None) -> list[torch.Tensor | None]:
-        """Return each local piece's gradient (None: its parameter has none, or its bucket is inactive).
+    def piece_grads(
+        self, active: Sequence[bool], has_grad: Sequence[bool] | None, positions: Sequence[int] | None = None
+    ) -> list[torch.Tensor | None]:
+        """Return the gradient of each local piece, or of those at `positions` (None: its parameter
+        has none, or its bucket is inactive).
 
         Stage 2: its part of the reduced shard. Stage 1: its part of `.grad` in the parameter's
         dtype and memory order, with the per-piece decisions planned once: the piece of a whole 1-D
         parameter gets `.grad` itself, of a whole n-D one its flat view.
         """
+        pieces = self._placement.norm_pieces
+        if positions is not None:
+            pieces = [pieces[i] for i in positions]
         if self._reducer is not None:
-            return [self._shard_grad(p, has_grad) if active[p.bucket] else None for p in self._placement.norm_pieces]
+            return [self._shard_grad(p, has_grad) if active[p.bucket] else None for p in pieces]
         if len(self._plan) != len(self._placement.norm_pieces):
             self._plan = [self._plan_piece(p) for p in self._placement.norm_pieces]
+        plan = self._plan if positions is None else [self._plan[i] for i in positions]
         out: list[torch.Tensor | None] = []
-        for piece, (index, as_is, whole, cast, perm) in zip(self._placement.norm_pieces, self._plan):
+        for piece, (index, as_is, whole, cast, perm) in zip(pieces, plan):
             grad = self._placement.params[index].grad if active[piece.bucket] else None
             if grad is not None and not as_is:
                 # NOTE: in the parameter's memory order, as its flat range (see buffers.memory_perm).

@@ -34,7 +34,10 @@ class Piece:
     """Offset of the piece inside this rank's range of the bucket."""
     local: torch.Tensor
     """What the local optimizer updates: a view into the bucket (or into its master copy), 1-D
-    for flat sharding, the parameter's shape for whole tensors."""
+    for flat sharding, the parameter's shape for whole tensors; or the parameter itself (`is_param`)."""
+    is_param: bool = False
+    """Whether `local` is the parameter itself (a whole parameter the local optimizer updates as
+    torch.optim would, its `.grad` included: nothing to attach or clear per step)."""
 
 
 @dataclass(slots=True)
@@ -80,6 +83,7 @@ def place_params(
     masters: MasterShards,
     master_dtype: torch.dtype | None,
     full: bool = True,
+    param_locals: bool = False,
 ) -> Placed:
     """Lay out `params`, copy them into new buckets, and cut this rank's pieces (and master copies).
 
@@ -99,6 +103,9 @@ def place_params(
         bucket_numel: soft cap on elements per bucket.
         masters: where master copies go; master_dtype: their dtype (None: no master copies).
         full: keep whole buckets (parameters as bucket views) or only this rank's range of each.
+        param_locals: let the local optimizer update a wholly owned parameter itself (whole-tensor
+            sharding, or a whole 1-D parameter of the flat layout, without a master copy), so its
+            state has the shape it would have unsharded and its `.grad` serves as it is (stage 1).
     """
     key_to_id: dict[tuple[str, torch.dtype, bool], int] = {}
     keys = [key_to_id.setdefault((str(p.device), p.dtype, p.requires_grad), len(key_to_id)) for p in params]
@@ -140,12 +147,16 @@ def place_params(
         b = first_bucket + piece.bucket
         shape = params[piece.index].shape if whole_tensors else None
         start_local = piece.start_global - buckets[piece.bucket].bounds[rank]
-        if masters.has(b):
+        param = params[piece.index]
+        whole = piece.in_param.start == 0 and piece.in_param.numel == param.numel()
+        if param_locals and whole and not masters.has(b) and (whole_tensors or (param.dim() == 1 and param.is_contiguous())):
+            local = param
+        elif masters.has(b):
             target = buffers.local_view(piece)
             local = masters.add_piece(MasterPiece(index, b, start_local, piece.in_param.numel), target)
             local = local if shape is None else from_flat(local, shape, memory_perm(params[piece.index]))
         else:
             local = buffers.local_view(piece, shape=shape)
         buckets[piece.bucket].group_to_locals.setdefault(index_to_group[index], []).append(local)
-        pieces.append(Piece(index, b, piece.in_param, start_local, local))
+        pieces.append(Piece(index, b, piece.in_param, start_local, local, is_param=local is param))
     return Placed(layout, buffers, buckets, pieces)

@@ -125,6 +125,8 @@ class Placement:
             masters=self.masters,
             master_dtype=self.config.master_dtype,
             full=self.config.parameters_as_bucket_view,
+            # NOTE: at stage 2 gradients come from the reduced shards, never from .grad.
+            param_locals=self.config.stage == 1 and self.kind in ("flat", "tensor"),
         )
         self.layouts.append(placed.layout)
         self.params.extend(new_params)

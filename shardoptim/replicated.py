@@ -29,7 +29,7 @@ NO_BUCKET = -1
 def whole_pieces(params: Sequence[torch.Tensor], *, first_index: int) -> list[Piece]:
     """Return one piece per parameter whose local tensor is the parameter itself."""
     return [
-        Piece(first_index + i, NO_BUCKET, ShardRange(0, p.numel()), 0, p) for i, p in enumerate(params)
+        Piece(first_index + i, NO_BUCKET, ShardRange(0, p.numel()), 0, p, is_param=True) for i, p in enumerate(params)
     ]
 
 

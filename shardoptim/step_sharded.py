@@ -28,6 +28,12 @@ class ShardedStep(StepSkeleton):
     def __init__(self, ctx: StepContext) -> None:
         super().__init__(ctx)
         self._warned_full_grads = False
+        # NOTE: planned per number of pieces (add_param_group, or its rollback, changes it): the
+        # positions of the pieces that are views (their .grad is attached and cleared every step),
+        # and the (parameter, bucket) of those that are parameters themselves (nothing to attach).
+        self._planned_for = -1
+        self._view_positions: list[int] = []
+        self._param_pieces: list[tuple[torch.Tensor, int]] = []
 
     def prepare(self, closure: Callable[[], float] | None, kwargs: dict[str, Any]) -> Any:
         loss = None if closure is None else run_closure(closure)
@@ -65,6 +71,9 @@ class ShardedStep(StepSkeleton):
         """Reject gradients flat sharding cannot slice, on every rank (grads are the same everywhere)."""
         if self.placement.kind != "flat":
             return
+        grads = [p.grad for p in self.placement.params]
+        if not any(g is not None and g.is_sparse for g in grads):  # one quick pass; the loop names the first
+            return
         for index, param in enumerate(self.placement.params):
             if param.grad is not None and param.grad.is_sparse:
                 raise TypeError(
@@ -73,14 +82,50 @@ class ShardedStep(StepSkeleton):
                     "torch.optim.SparseAdam)"
                 )
 
-    def attach_grads(self, active: list[bool], has_grad: list[bool] | None) -> list[bool]:
-        """Point each local piece's .grad at its gradient; return per-bucket 'has work'."""
+    def _plan(self) -> None:
+        pieces = self.placement.pieces
+        if self._planned_for == len(pieces):
+            return
+        self._view_positions = [i for i, piece in enumerate(pieces) if not piece.is_param]
+        self._param_pieces = [(piece.local, piece.bucket) for piece in pieces if piece.is_param]
+        self._planned_for = len(pieces)
+
+    def attach_grads(
+        self, active: list[bool], has_grad: list[bool] | None, hidden: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[bool]:
+        """Point each view piece's .grad at its gradient; return per-bucket 'has work'.
+
+        A parameter updated as itself keeps its `.grad`, except in an inactive bucket (none of its
+        parameters requires grad now: it is not gathered), where the gradient is moved to `hidden`
+        for the step (restore it with `restore_hidden`), as the bucket's views get none.
+        """
+        self._plan()
         work = [False] * len(self.placement.buckets)
-        for piece, grad in zip(self.placement.pieces, self.ctx.grads.piece_grads(active, has_grad)):
+        positions = self._view_positions
+        pieces = self.placement.pieces
+        for i, grad in zip(positions, self.ctx.grads.piece_grads(active, has_grad, positions)):
+            piece = pieces[i]
             piece.local.grad = grad
             if grad is not None:
                 work[piece.bucket] = True
+        for param, b in self._param_pieces:
+            grad = param.grad
+            if grad is None:
+                continue
+            if active[b]:
+                work[b] = True
+            else:
+                hidden.append((param, grad))
+                param.grad = None
         return work
+
+    def clear_grads(self, hidden: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Undo `attach_grads`: the views' .grad back to None, the hidden gradients back in place."""
+        pieces = self.placement.pieces
+        for i in self._view_positions:
+            pieces[i].local.grad = None
+        for param, grad in hidden:
+            param.grad = grad
 
     def _steps_per_bucket(self) -> bool:
         """Whether to call the base step once per bucket (to overlap each gather with the next update).
@@ -99,7 +144,8 @@ class ShardedStep(StepSkeleton):
         # set by model code, the same on every rank, so every rank enters the same collectives;
         # buckets of frozen parameters cost no communication until they are unfrozen.
         active = [any(placement.params[i].requires_grad for i in b.param_indices) for b in placement.buckets]
-        has_work = self.attach_grads(active, has_grad)
+        hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
+        has_work = self.attach_grads(active, has_grad, hidden)
         per_bucket = self._steps_per_bucket()
         groups = self.optim.param_groups
         saved = [g["params"] for g in groups]
@@ -121,8 +167,7 @@ class ShardedStep(StepSkeleton):
         finally:
             for group, plist in zip(groups, saved):
                 group["params"] = plist
-            for piece in placement.pieces:
-                piece.local.grad = None
+            self.clear_grads(hidden)
         gathers.finish()
 
     def _local_step(self, step_kwargs: dict[str, Any], buckets: list[int]) -> Exception | None:
