@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -186,3 +188,52 @@ def test_named_parameters_accepted() -> None:
     assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
     model(torch.ones(2, 8)).sum().backward()
     opt.step()
+
+
+@pytest.mark.parametrize(("sharding", "stage"), [("flat", 1), ("tensor", 1), ("flat", 2)])
+def test_whole_parameters_are_updated_as_themselves_at_stage_1(sharding: str, stage: int) -> None:
+    """Stage 1: a wholly owned parameter (whole-tensor sharding, or 1-D in the flat layout) is the local
+    optimizer's own tensor, so its `.grad` is the user's, untouched by the step; an n-D flat piece is a view.
+    Stage 2 updates views of the gradient shards only."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    ref = copy.deepcopy(model)
+    cls = torch.optim.Adafactor if sharding == "tensor" else torch.optim.AdamW
+    opt = ShardedOptimizer(model.parameters(), cls, lr=1e-2, sharding=sharding, stage=stage)
+    ref_opt = cls(ref.parameters(), lr=1e-2, **({} if sharding == "tensor" else {"fused": True}))
+    params = list(model.parameters())
+    is_param = {piece.index: piece.is_param for piece in opt.placement.pieces}
+    if stage == 2:
+        assert not any(is_param.values())
+    else:
+        expected = {i: sharding == "tensor" or p.dim() == 1 for i, p in enumerate(params)}
+        assert is_param == expected
+    for step in range(3):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+        for net in (model, ref):
+            net(x).square().mean().backward()
+        grads = [p.grad for p in params]
+        opt.step()
+        ref_opt.step()
+        if stage == 1:  # the very same gradient tensors, none cleared by the step
+            assert all(p.grad is g for p, g in zip(params, grads))
+        for p, q in zip(params, ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0 if sharding == "flat" else 1e-6)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+
+
+def test_frozen_parameter_keeps_its_gradient_and_value() -> None:
+    """A parameter that no longer requires grad is not updated (its bucket is not gathered) but its
+    `.grad` survives the step, also when the parameter is the local optimizer's own tensor."""
+    bias = torch.nn.Parameter(torch.ones(4))
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    opt = ShardedOptimizer([{"params": [bias]}, {"params": [weight]}], torch.optim.SGD, lr=0.5, bucket_numel=4)
+    assert any(piece.is_param for piece in opt.placement.pieces)
+    bias.requires_grad_(False)
+    grad = torch.ones(4)
+    bias.grad = grad
+    weight.grad = torch.ones(4, 4)
+    opt.step()
+    assert bias.grad is grad and torch.equal(bias, torch.ones(4))
+    assert torch.equal(weight, torch.full((4, 4), 0.5))
