@@ -25,9 +25,9 @@ class Piece:
     """The part of one parameter this rank owns, and the tensor the local optimizer updates."""
 
     index: int
-    """Position of the parameter in `ShardedOptimizer._params`."""
+    """Position of the parameter in `Placement.params` (the optimizer's parameter index)."""
     bucket: int
-    """Position of its bucket in `ShardedOptimizer._buckets`."""
+    """Position of its bucket in `Placement.buckets`."""
     in_param: ShardRange
     """Owned elements, as offsets inside the flattened parameter."""
     start_local: int
