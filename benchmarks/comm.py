@@ -145,7 +145,7 @@ def main() -> None:
     # shardoptim's own torch-side path on one host: the /dev/shm staging buffer (what comm_backend="auto"
     # times MPI against); comm_backend="torch" keeps MPI out of it.
     comm = Comm(backend_choice="torch")
-    comm.use_transport("shm")
+    comm.transports.use("shm")
 
     def shm_gather() -> None:
         comm.gather_bucket_async(bucket, bounds, what="benchmark gather").wait()

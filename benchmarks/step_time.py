@@ -22,9 +22,9 @@ OMP_NUM_THREADS=1 and torch.set_num_threads(1) in every rank), one after another
                            rank on one host the buckets are gathered through shared memory ("shm")
     shardoptim bucket_view the same with parameters_as_bucket_view=True: parameters are views into the
                            buckets (no copy-out, no second copy of the parameters)
-    shardoptim broadcast   the same with `opt.placement.comm.use_transport("broadcast")` (one gloo broadcast
+    shardoptim broadcast   the same with `opt.placement.comm.transports.use("broadcast")` (one gloo broadcast
                            per rank per bucket: the multi-host gloo path)
-    shardoptim all_gather  the same with `opt.placement.comm.use_transport("all_gather")` (gloo's all_gather)
+    shardoptim all_gather  the same with `opt.placement.comm.transports.use("all_gather")` (gloo's all_gather)
     zero default           ZeroRedundancyOptimizer(params, optimizer_class=AdamW)
     zero best              the same with parameters_as_bucket_view=True and fused=True
     shardoptim fused=None  the same with fused=None: AdamW picks its own kernel, as a plain AdamW(params)
@@ -165,7 +165,7 @@ def _build(config: str, params: list[torch.nn.Parameter], bucket_numel: int | No
             return shardoptim.ShardedOptimizer(params, torch.optim.AdamW, parameters_as_bucket_view=True, **kw)
         opt = shardoptim.ShardedOptimizer(params, torch.optim.AdamW, **kw)
         if config != "shardoptim":
-            opt.placement.comm.use_transport(config.split()[1])  # type: ignore[arg-type]  # the gloo path to compare
+            opt.placement.comm.transports.use(config.split()[1])  # type: ignore[arg-type]  # the gloo path to compare
         return opt
     if config == "zero default":
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kw)

@@ -10,7 +10,6 @@ Must not import shardoptim.optimizer or anything above it.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 from datetime import timedelta
@@ -20,17 +19,14 @@ import torch
 import torch.distributed as dist
 
 from shardoptim.groupinfo import group_device_types, warn_if_launched_unsharded
-from shardoptim.shm import SharedStaging, same_host
+from shardoptim.shm import SharedStaging
 from shardoptim.sidegroup import host_side_group
 from shardoptim.teardown import hold_until_exit
+from shardoptim.transport_choice import TransportChoice
 from shardoptim.transports import (
     Bucketlike,
-    BucketTransport,
     PendingGather,
     PendingReduce,
-    ShmTransport,
-    TorchTransport,
-    TransportName,
     all_gather_single,
 )
 
@@ -89,9 +85,8 @@ class Comm:
             self.rank, self.world_size, self.backend = 0, 1, "none"
             warn_if_launched_unsharded()
         self.timeout = timeout
-        #: The bucket transport of each device type, chosen on first use and then fixed.
-        self._transports: dict[str, BucketTransport] = {}
-        self._staging: SharedStaging | None = None
+        #: How buckets move, per device type: chosen on first use and then fixed.
+        self.transports = TransportChoice(self)
         #: Host reads of collective results off the CPU so far (see `to_host`); shared with the
         #: metadata Comm (`for_metadata`), so one count covers the whole step.
         self.host_reads = [0]
@@ -124,67 +119,6 @@ class Comm:
             )
         return meta
 
-    def transport(self, device: torch.device) -> BucketTransport:
-        """Return how buckets on `device` move between ranks (shardoptim.transports), chosen once.
-
-        Accelerator buckets, and every bucket of a group without gloo, use torch's collectives
-        ("all_gather"). CPU buckets of a gloo group use the shared-memory staging when every rank
-        is on one host and the area can be mapped, else gloo broadcasts; under an MPI launcher
-        (comm_backend "auto" or "mpi") mpi4py serves what it does faster.
-
-        Collective on first use for each device type: call on every rank, in the same order.
-        """
-        found = self._transports.get(device.type)
-        if found is None:
-            found = self._transports[device.type] = self._choose_transport(device)
-            logger.debug("%sbucket transport for %s: %s", self.prefix, device.type, found.name)
-        return found
-
-    def _choose_transport(self, device: torch.device) -> BucketTransport:
-        if device.type != "cpu" or self.backend != "gloo":
-            return TorchTransport(self, "all_gather")
-        base: BucketTransport = TorchTransport(self, "broadcast")
-        if same_host(functools.partial(self.all_gather_object, what="host check")):
-            staging = self._shared_staging()
-            if staging.map_("shared-memory setup"):  # same answer on every rank
-                base = ShmTransport(self, staging)
-        if self.backend_choice == "torch":
-            return base
-        from shardoptim.mpi_transport import MpiTransport, open_mpi
-
-        mpi = open_mpi(self)
-        return base if mpi is None else MpiTransport(self, mpi, base, forced=self.backend_choice == "mpi")
-
-    def use_transport(self, name: TransportName) -> None:
-        """Fix the transport of CPU buckets to `name` ("broadcast", "all_gather" or "shm") before first use.
-
-        For comparisons (benchmarks, tests); the automatic choice is `transport`. Raises when
-        "shm" cannot be mapped. Collective: call on every rank, in the same order.
-        """
-        if name == "shm":
-            staging = self._shared_staging()
-            if not staging.map_("shared-memory setup"):
-                raise RuntimeError(f"{self.prefix}the shared-memory staging area cannot be mapped here")
-            self._transports["cpu"] = ShmTransport(self, staging)
-        elif name in ("broadcast", "all_gather"):
-            self._transports["cpu"] = TorchTransport(self, name)
-        else:
-            raise ValueError(f"use_transport takes 'broadcast', 'all_gather' or 'shm', got {name!r}")
-
-    @property
-    def gather_method(self) -> TransportName:
-        """The name of the CPU buckets' transport (choosing it: collective on first use)."""
-        return self.transport(torch.device("cpu")).name
-
-    def shared_staging(self) -> SharedStaging | None:
-        """The shared-memory staging area when CPU buckets go through it, else None (collective on first use)."""
-        transport = self.transport(torch.device("cpu"))
-        other = getattr(transport, "other", None)
-        for candidate in (transport, other):
-            if isinstance(candidate, ShmTransport):
-                return candidate.staging
-        return None
-
     def timeout_s(self) -> float:
         """Seconds a wait outside torch.distributed (MPI, the shared-memory barrier) may last.
 
@@ -201,22 +135,6 @@ class Comm:
             return float(group._get_backend(self.device).options._timeout.total_seconds())
         except (AttributeError, RuntimeError):  # a backend without options, or a torch without the field
             return _DEFAULT_TIMEOUT_S
-
-    def _shared_staging(self) -> SharedStaging:
-        """Return the one staging area of the group, for gathers and reduce-scatters alike.
-
-        NOTE: one fixed area of two halves (shm.HALF_NBYTES each) serves every shared-
-        memory collective, in the order they are called: its RSS is bounded whatever the model.
-        """
-        if self._staging is None:
-            self._staging = SharedStaging(
-                self.rank,
-                self.world_size,
-                functools.partial(self.all_gather_object, what="shared-memory setup"),
-                lambda what: self.barrier(what=what),
-                timeout_s=self.timeout_s(),
-            )
-        return self._staging
 
     @property
     def prefix(self) -> str:
@@ -329,7 +247,7 @@ class Comm:
         """
         if self.world_size == 1 or bounds[-1] == 0:
             return PendingGather(self, [], what)
-        return self.transport(bucket.device).gather_async(bucket, bounds, what=what)
+        return self.transports.get(bucket.device).gather_async(bucket, bounds, what=what)
 
     def gathers_synchronously(self, device: torch.device) -> bool:
         """Whether bucket gathers on `device` complete inside the call (shared memory or MPI).
@@ -337,14 +255,14 @@ class Comm:
         Such gathers cannot overlap the next bucket's update, so the optimizer batches them with
         `gather_buckets_`. Collective on first use (it chooses the transport).
         """
-        return self.world_size > 1 and self.transport(device).synchronous
+        return self.world_size > 1 and self.transports.get(device).synchronous
 
     def gathers_in_place(self, device: torch.device) -> bool:
         """Whether bucket gathers on `device` take `Segments` (shared memory: the parameters' own storage).
 
         Collective on first use (it chooses the transport).
         """
-        return self.world_size > 1 and self.transport(device).in_place
+        return self.world_size > 1 and self.transports.get(device).in_place
 
     def gather_buckets_(self, buckets: Sequence[tuple[Bucketlike, Sequence[int]]], *, what: str) -> None:
         """Gather several buckets now (on shared memory in rounds of one staging half, one barrier each).
@@ -359,7 +277,7 @@ class Comm:
             if bounds[-1] > 0:
                 by_type.setdefault(given.device.type, []).append((given, bounds))
         for kind in sorted(by_type):  # the same order on every rank
-            self.transport(torch.device(kind)).gather_many_(by_type[kind], what=what)
+            self.transports.get(torch.device(kind)).gather_many_(by_type[kind], what=what)
 
     def reduce_scatter_mean_async(
         self, bucket: torch.Tensor, bounds: Sequence[int], out: torch.Tensor, *, accumulate: bool, what: str
@@ -383,7 +301,7 @@ class Comm:
         if self.world_size == 1 or bounds[-1] == 0:
             start, end = bounds[self.rank], bounds[self.rank + 1]
             return PendingReduce(self, [], total=bucket[start:end], out=out, accumulate=accumulate, what=what)
-        return self.transport(bucket.device).reduce_scatter_async(bucket, bounds, out, accumulate=accumulate, what=what)
+        return self.transports.get(bucket.device).reduce_scatter_async(bucket, bounds, out, accumulate=accumulate, what=what)
 
     def _averages_natively(self, device: torch.device) -> bool:
         """Whether the group's backend for `device` averages itself (NCCL's ReduceOp.AVG; gloo has none)."""
@@ -461,7 +379,7 @@ class Comm:
             return None
         if not (dist.is_available() and self.backend == "gloo"):
             return None
-        return self.shared_staging()
+        return self.transports.shared_staging()
 
     def all_gather(self, tensor: torch.Tensor, *, what: str) -> torch.Tensor:
         """Return a (world_size, *tensor.shape) tensor of every rank's `tensor`.

@@ -165,7 +165,7 @@ def _check_moved_and_constructor(rank: int, world_size: int, *, as_view: bool) -
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert len(storages) == (len(opt.placement.buckets) if as_view else 4)  # views: one storage per bucket
     if not as_view:  # no bucket copy and no scratch kept: shared-memory gathers write the parameters in place
-        assert all(b.buffer is None for b in opt.placement.buckets) and opt.placement.comm.gather_method == "shm"
+        assert all(b.buffer is None for b in opt.placement.buckets) and opt.placement.comm.transports.cpu_name() == "shm"
         assert opt.memory_nbytes()["params"] == sum(p.numel() * p.element_size() for p in model.parameters())
     with pytest.raises(ValueError, match="overlap_with_ddp=True is not supported.*stage=2"):
         ShardedOptimizer(model.parameters(), torch.optim.AdamW, group, False, True, lr=1e-2)

@@ -312,7 +312,7 @@ def _check_shm_round_skipped_by_rank0(rank: int, world_size: int, *, out: str) -
     try:
         comm = Comm(group)
         bounds = [0, 64, 128, 192]
-        staging = comm.shared_staging()
+        staging = comm.transports.shared_staging()
         assert staging is not None
         assert staging.gather_many_([(torch.zeros(192), bounds)])  # maps the area; every rank takes part
         if rank != 0:

@@ -21,7 +21,7 @@ def _check_low_precision_means(rank: int, world_size: int) -> list[list[float]]:
     results = []
     for method in ("broadcast", "shm"):  # the torch.distributed path, the shared-memory one
         comm = Comm()
-        comm.use_transport(method)  # type: ignore[arg-type]
+        comm.transports.use(method)  # type: ignore[arg-type]
         results += _means(comm)
     return results
 
@@ -134,7 +134,7 @@ def _check_uneven_ranges_one_call(rank: int, world_size: int) -> dict[str, int]:
         return wrapper
 
     comm = Comm()
-    comm.use_transport("all_gather")
+    comm.transports.use("all_gather")
     bounds = [0, 3, 7] if world_size == 2 else [0, 3, 7, 9]
     with (
         mock.patch.object(dist, "broadcast", counting("per_owner", dist.broadcast)),
@@ -157,7 +157,7 @@ def _check_uneven_ranges_one_call(rank: int, world_size: int) -> dict[str, int]:
     model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Linear(12, 5))
     ref = copy.deepcopy(model)
     opt = ShardedOptimizer(model.parameters(), torch.optim.Adafactor, stage=2, lr=1e-2)
-    opt.placement.comm.use_transport("all_gather")
+    opt.placement.comm.transports.use("all_gather")
     ref_opt = torch.optim.Adafactor(ref.parameters(), lr=1e-2)
     x = torch.randn(4, 8)
     _steps_side_by_side(model, opt, ref, ref_opt, x, steps=2)

@@ -247,7 +247,7 @@ def _check_gather_methods(rank: int, world_size: int, *, method: str) -> str:
     ref.load_state_dict(model.state_dict())
     opt = ShardedOptimizer(_groups(model, CASES["AdamW"]), torch.optim.AdamW, bucket_numel=512)
     if method != "auto":
-        opt.placement.comm.use_transport(method)  # type: ignore[arg-type]
+        opt.placement.comm.transports.use(method)  # type: ignore[arg-type]
     ref_opt = torch.optim.AdamW(_groups(ref, CASES["AdamW"]), fused=True)
     assert len(opt.placement.buckets) > 1
     for step in range(3):
@@ -258,7 +258,7 @@ def _check_gather_methods(rank: int, world_size: int, *, method: str) -> str:
         ref_opt.step()
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
         assert _replicas_equal(list(model.parameters()))
-    return str(opt.placement.comm.gather_method)
+    return str(opt.placement.comm.transports.cpu_name())
 
 
 @pytest.mark.parametrize("method", ["auto", "shm", "broadcast", "all_gather"])

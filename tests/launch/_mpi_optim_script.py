@@ -57,7 +57,7 @@ def main() -> None:
         low_opt.step()
         low_opt.zero_grad()
     low_opt.verify_replicas()
-    transport = opt.placement.comm.transport(torch.device("cpu"))  # chosen by now: no communication
+    transport = opt.placement.comm.transports.get(torch.device("cpu"))  # chosen by now: no communication
     gather, reduce = (transport.gathers, transport.reduces) if transport.name == "mpi" else (None, None)
     print(f"MPI_OPTIM_OK rank={rank} gather={gather} reduce={reduce}", flush=True)
     del opt, low_opt
