@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-import shardoptim.comm
+import shardoptim.groupinfo
 from shardoptim import ShardedOptimizer
 
 
@@ -17,7 +17,7 @@ def _params() -> list[torch.nn.Parameter]:
 
 def test_world_size_without_process_group_warns_once_at_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setattr(shardoptim.comm, "_warned_unsharded", False)
+    monkeypatch.setattr(shardoptim.groupinfo, "_warned_unsharded", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt = ShardedOptimizer(_params(), torch.optim.AdamW, lr=1e-3)
@@ -39,7 +39,7 @@ def test_no_warning_without_a_multi_process_launch(
         monkeypatch.delenv("WORLD_SIZE", raising=False)
     else:
         monkeypatch.setenv("WORLD_SIZE", value)
-    monkeypatch.setattr(shardoptim.comm, "_warned_unsharded", False)
+    monkeypatch.setattr(shardoptim.groupinfo, "_warned_unsharded", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ShardedOptimizer(_params(), torch.optim.SGD, lr=0.1)
