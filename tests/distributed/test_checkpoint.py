@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from shardoptim import ShardedOptimizer, checkpoint
+from shardoptim import ShardedOptimizer, checkpoint, checkpoint_load
 from tests._dist import RankPool, run_ranks
 
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -153,10 +153,10 @@ def test_crash_mid_save_keeps_previous(tmp_path: Path) -> None:
         pool.run(_check_load, name="AdamW", path=path, done=2, more=2)
     Path(path + "_x.partial").mkdir()
     with pytest.raises(FileNotFoundError, match="interrupted save"):
-        checkpoint._resolve(path + "_x")
+        checkpoint_load.resolve(path + "_x")
     Path(path + ".partial").mkdir(exist_ok=True)
     with pytest.raises(ValueError, match="incomplete"):
-        checkpoint._resolve(path + ".partial")
+        checkpoint_load.resolve(path + ".partial")
 
 
 def _check_errors(rank: int, world_size: int, *, path: str, bad: str) -> None:
@@ -190,10 +190,10 @@ def test_load_errors(ranks2: RankPool, tmp_path: Path) -> None:
 
 def test_newer_format_rejected(tmp_path: Path) -> None:
     run_ranks(_check_save, 1, name="SGD", path=str(tmp_path / "c"), steps=1)
-    old = checkpoint.FORMAT_VERSION
+    old = checkpoint_load.FORMAT_VERSION
     try:
-        checkpoint.FORMAT_VERSION = 0
+        checkpoint_load.FORMAT_VERSION = 0
         with pytest.raises(ValueError, match="newer than this shardoptim reads"):
             checkpoint.consolidate_dir(tmp_path / "c")
     finally:
-        checkpoint.FORMAT_VERSION = old
+        checkpoint_load.FORMAT_VERSION = old
