@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from shardoptim import ShardedOptimizer, checkpoint, checkpoint_load
+from shardoptim import ShardedOptimizer, checkpoint, checkpoint_load, checkpoint_save
 from tests._dist import RankPool, run_ranks
 
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -133,14 +133,14 @@ def _check_crash_mid_save(rank: int, world_size: int, *, path: str) -> None:
     opt = ShardedOptimizer(_groups(model), torch.optim.AdamW, **OPTIONS["AdamW"])
     _grads_(model, 0)
     opt.step()
-    real_save = checkpoint.dcp_save
+    real_save = checkpoint_save.dcp_save
 
     def dying_save(*args: Any, **kwargs: Any) -> Any:
         if rank == 1:
             os._exit(17)  # a writer dies in the middle of the save
         return real_save(*args, **kwargs)
 
-    checkpoint.dcp_save = dying_save  # type: ignore[assignment]
+    checkpoint_save.dcp_save = dying_save  # type: ignore[assignment]
     checkpoint.save(path, opt, model=model)
 
 
