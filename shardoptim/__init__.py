@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from shardoptim.amp import ShardedGradScaler
 from shardoptim.entry import EntryError
-from shardoptim.hparams import all_reduce_metric
 from shardoptim.hybrid import HybridGroups, hybrid_groups
 from shardoptim.kinds import register_elementwise, register_per_tensor
 from shardoptim.launcher import DistInfo, init_distributed
+from shardoptim.metrics import all_reduce_metric
 from shardoptim.optimizer import DEFAULT_BUCKET_NUMEL, ShardedOptimizer
 from shardoptim.verify import VerifyResult, verify
 

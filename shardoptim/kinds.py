@@ -251,14 +251,6 @@ def kind_from_verdict(verdict: ProbeVerdict) -> Kind:
     return "tensor"
 
 
-def kind_from_verdicts(verdicts: Iterable[ProbeVerdict]) -> Kind:
-    """Return the most restrictive layout over several verdicts (e.g. one per distinct param group).
-
-    "replicated" over "tensor"; "tensor" when `verdicts` is empty.
-    """
-    return most_restrictive(kind_from_verdict(v) for v in verdicts)
-
-
 def most_restrictive(kinds: Iterable[Kind]) -> Kind:
     """Return "replicated" over "tensor" over "flat" among `kinds` ("tensor" when empty; no "lbfgs")."""
     order: tuple[Kind, ...] = ("flat", "tensor", "replicated")

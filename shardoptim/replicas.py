@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from shardoptim.hparams import pack_hparams
+from shardoptim.hparam_pack import pack_hparams
 
 if TYPE_CHECKING:
     from shardoptim.comm import Comm

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from shardoptim.buffers import from_flat, memory_perm, to_flat
-from shardoptim.hparams import STRUCTURE_KEYS
+from shardoptim.hparam_flow import STRUCTURE_KEYS
 from shardoptim.master import MASTER_KEY
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from shardoptim import ShardedOptimizer, checkpoint
+from shardoptim import ShardedOptimizer, checkpoint, checkpoint_load, checkpoint_save
 from tests._dist import RankPool, run_ranks
 
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -133,14 +133,14 @@ def _check_crash_mid_save(rank: int, world_size: int, *, path: str) -> None:
     opt = ShardedOptimizer(_groups(model), torch.optim.AdamW, **OPTIONS["AdamW"])
     _grads_(model, 0)
     opt.step()
-    real_save = checkpoint.dcp_save
+    real_save = checkpoint_save.dcp_save
 
     def dying_save(*args: Any, **kwargs: Any) -> Any:
         if rank == 1:
             os._exit(17)  # a writer dies in the middle of the save
         return real_save(*args, **kwargs)
 
-    checkpoint.dcp_save = dying_save  # type: ignore[assignment]
+    checkpoint_save.dcp_save = dying_save  # type: ignore[assignment]
     checkpoint.save(path, opt, model=model)
 
 
@@ -153,10 +153,10 @@ def test_crash_mid_save_keeps_previous(tmp_path: Path) -> None:
         pool.run(_check_load, name="AdamW", path=path, done=2, more=2)
     Path(path + "_x.partial").mkdir()
     with pytest.raises(FileNotFoundError, match="interrupted save"):
-        checkpoint._resolve(path + "_x")
+        checkpoint_load.resolve(path + "_x")
     Path(path + ".partial").mkdir(exist_ok=True)
     with pytest.raises(ValueError, match="incomplete"):
-        checkpoint._resolve(path + ".partial")
+        checkpoint_load.resolve(path + ".partial")
 
 
 def _check_errors(rank: int, world_size: int, *, path: str, bad: str) -> None:
@@ -190,10 +190,10 @@ def test_load_errors(ranks2: RankPool, tmp_path: Path) -> None:
 
 def test_newer_format_rejected(tmp_path: Path) -> None:
     run_ranks(_check_save, 1, name="SGD", path=str(tmp_path / "c"), steps=1)
-    old = checkpoint.FORMAT_VERSION
+    old = checkpoint_load.FORMAT_VERSION
     try:
-        checkpoint.FORMAT_VERSION = 0
+        checkpoint_load.FORMAT_VERSION = 0
         with pytest.raises(ValueError, match="newer than this shardoptim reads"):
             checkpoint.consolidate_dir(tmp_path / "c")
     finally:
-        checkpoint.FORMAT_VERSION = old
+        checkpoint_load.FORMAT_VERSION = old

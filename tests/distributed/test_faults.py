@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-from shardoptim import ShardedOptimizer, checkpoint
+from shardoptim import ShardedOptimizer, checkpoint, checkpoint_save
 from shardoptim.comm import Comm
 from tests._dist import RankPool, all_equal_across_ranks
 
@@ -209,7 +209,7 @@ def _check_die_in_save(rank: int, world_size: int, *, path: str, out: str, where
         if where == "write":
             FileSystemWriter.write_data = lambda *args, **kwargs: _kill_self()  # type: ignore[method-assign]
         else:
-            checkpoint.dcp_save = lambda *args, **kwargs: _kill_self()  # type: ignore[assignment]
+            checkpoint_save.dcp_save = lambda *args, **kwargs: _kill_self()  # type: ignore[assignment]
     _timed(out, rank, lambda: run.save(path, SAVED_AT + 2))
 
 

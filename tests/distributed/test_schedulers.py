@@ -27,7 +27,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel
 
 import shardoptim
 from shardoptim import ShardedOptimizer
-from shardoptim.hparams import sync_hparams_
+from shardoptim.hparams import HparamSync, HparamSyncer
 from tests._dist import all_equal_across_ranks
 
 WORLD_SIZES = [2, 3]
@@ -595,6 +595,11 @@ def test_scheduler_keys_survive_steps(pool_for: Any, world_size: int) -> None:
 # ----------------------------------------------------------------------------------- cost
 
 
+def _sync_once(groups: Any, comm: Any, *, mode: HparamSync) -> None:
+    """Run one sync with a fresh HparamSyncer, as a caller that keeps no syncer would (every call agrees its size)."""
+    HparamSyncer(comm, mode).sync_(groups)
+
+
 def _check_broadcast_cost(rank: int, world_size: int, *, calls: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = _Net()
@@ -607,15 +612,15 @@ def _check_broadcast_cost(rank: int, world_size: int, *, calls: int) -> dict[str
     out: dict[str, float] = {"num_values": 0.0}
     for mode in ("broadcast", "check"):
         for _ in range(10):
-            sync_hparams_(opt.param_groups, opt.placement.comm, mode=mode)  # type: ignore[arg-type]
+            _sync_once(opt.param_groups, opt.placement.comm, mode=mode)  # type: ignore[arg-type]
         dist.barrier()
         times = []
         for _ in range(calls):
             t0 = time.perf_counter()
-            sync_hparams_(opt.param_groups, opt.placement.comm, mode=mode)  # type: ignore[arg-type]
+            _sync_once(opt.param_groups, opt.placement.comm, mode=mode)  # type: ignore[arg-type]
             times.append(time.perf_counter() - t0)
         out[f"{mode}_median_ms"] = statistics.median(times) * 1e3
-    from shardoptim.hparams import pack_hparams
+    from shardoptim.hparam_pack import pack_hparams
 
     packed, entries = pack_hparams(opt.param_groups)
     out["num_values"] = float(sum(n for *_, n in entries))

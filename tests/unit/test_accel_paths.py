@@ -193,11 +193,11 @@ def test_consolidation_sends_and_receives_on_one_device(fake_group: str) -> None
 def test_device_tensor_options_are_read_once_per_change(fake_group: str) -> None:
     """A tensor-valued option on the device (a CUDA lr) is read back only after it changed (old: every step).
 
-    Reads go through hparams._read_device (patched: a meta tensor has no values); the per-step sync,
+    Reads go through hparam_pack._read_device (patched: a meta tensor has no values); the per-step sync,
     the snapshot before the base step and the flow-back after it read nothing while its version
     counter stays put.
     """
-    from shardoptim import hparams
+    from shardoptim import hparam_flow, hparam_pack, hparams
 
     lr = torch.tensor(0.1, device="meta")
     groups = [{"params": [], "lr": lr, "momentum": 0.9}]
@@ -208,16 +208,16 @@ def test_device_tensor_options_are_read_once_per_change(fake_group: str) -> None
         return [0.1]
 
     syncer = hparams.HparamSyncer(Comm(), "broadcast")
-    with mock.patch.object(hparams, "_read_device", read):
+    with mock.patch.object(hparam_pack, "_read_device", read):
         for _ in range(3):
             syncer.sync_(groups)
-            before = hparams.snapshot_hparams(groups)
-            assert hparams.flow_back_hparams_(groups, [dict(groups[0])], before) == []
+            before = hparam_flow.snapshot_hparams(groups)
+            assert hparam_flow.flow_back_hparams_(groups, [dict(groups[0])], before) == []
         assert len(reads) == 1, reads
         lr.mul_(0.5)  # a scheduler writing in place: read again, once
-        before = hparams.snapshot_hparams(groups)
+        before = hparam_flow.snapshot_hparams(groups)
         lr.mul_(1.0)
-        assert hparams.flow_back_hparams_(groups, [dict(groups[0])], before) == [(0, "lr")]
+        assert hparam_flow.flow_back_hparams_(groups, [dict(groups[0])], before) == [(0, "lr")]
         for _ in range(2):
             syncer.sync_(groups)
         assert len(reads) == 2, reads

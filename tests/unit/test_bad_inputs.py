@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 import shardoptim
-from shardoptim import ShardedOptimizer, checkpoint
+from shardoptim import ShardedOptimizer, checkpoint, checkpoint_format, checkpoint_save
 from tests._dist import RankPool
 
 AdamW = torch.optim.AdamW
@@ -741,13 +741,13 @@ def _check_save_checkpoint(
     twin = _Twin()
     twin.step()
     twin.step()
-    old = checkpoint.FORMAT_VERSION
+    old = checkpoint_save.FORMAT_VERSION
     try:
         if format_version is not None:
-            checkpoint.FORMAT_VERSION = format_version
+            checkpoint_save.FORMAT_VERSION = format_version
         checkpoint.save(path, twin.opt, model=twin.model)
     finally:
-        checkpoint.FORMAT_VERSION = old
+        checkpoint_save.FORMAT_VERSION = old
 
 
 def _check_checkpoint_load(rank: int, world_size: int, *, path: str, case: str) -> dict[str, Any]:
@@ -789,7 +789,7 @@ def _prepare_checkpoint(case: str, good: Path, tmp_path: Path, pool: RankPool) -
         path.write_text("not a checkpoint\n")
         return path
     if case == "ckpt_newer_format":
-        pool.run(_check_save_checkpoint, path=str(path), format_version=checkpoint.FORMAT_VERSION + 1)
+        pool.run(_check_save_checkpoint, path=str(path), format_version=checkpoint_format.FORMAT_VERSION + 1)
         return path
     shutil.copytree(good, path)
     if case == "ckpt_incomplete":
@@ -811,7 +811,7 @@ CHECKPOINT_LOAD = _cases(
     pytest.param(ValueError, "cannot read its metadata", id="ckpt_no_metadata"),
     pytest.param(
         ValueError,
-        f"has format version {checkpoint.FORMAT_VERSION + 1}, newer than this shardoptim reads",
+        f"has format version {checkpoint_format.FORMAT_VERSION + 1}, newer than this shardoptim reads",
         id="ckpt_newer_format",
     ),
     pytest.param(

@@ -1,4 +1,4 @@
-"""Packing of param_group hyperparameters (shardoptim.hparams), in one process without a process group."""
+"""Packing of param_group hyperparameters (shardoptim.hparam_pack, hparam_flow, hparams), in one process without a process group."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch
 
 import shardoptim
 from shardoptim.comm import Comm
-from shardoptim.hparams import copy_hparams_, pack_hparams, sync_hparams_, unpack_hparams_
+from shardoptim.hparam_flow import copy_hparams_
+from shardoptim.hparam_pack import pack_hparams, unpack_hparams_
+from shardoptim.hparams import HparamSyncer
 
 
 def _adam_like_groups() -> list[dict[str, Any]]:
@@ -256,7 +258,7 @@ def test_copy_hparams_keeps_local_params() -> None:
 def test_sync_is_a_noop_on_one_process(mode: Any) -> None:
     groups = _adam_like_groups()
     lr = groups[1]["lr"]
-    sync_hparams_(groups, Comm(), mode=mode)
+    HparamSyncer(Comm(), mode).sync_(groups)
     assert groups[0]["lr"] == 1e-3 and groups[1]["lr"] is lr
 
 

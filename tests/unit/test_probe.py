@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.optim import Optimizer
 
-from shardoptim.kinds import kind_from_verdict, kind_from_verdicts
+from shardoptim.kinds import Kind, kind_from_verdict, most_restrictive
 from shardoptim.probe import ProbeVerdict, probe_update_kind
 
 
@@ -273,15 +273,20 @@ def test_schedule_free_like_class_runs_in_train_mode() -> None:
     assert verdict.update == "elementwise", verdict.reason
 
 
+def _kind_from_verdicts(verdicts: list[ProbeVerdict]) -> Kind:
+    """Return the most restrictive layout over several verdicts (one per distinct param group), as choose_kind does."""
+    return most_restrictive(kind_from_verdict(v) for v in verdicts)
+
+
 def test_group_options() -> None:
     per_tensor = probe_update_kind(_Flagged, {"lr": 1e-2}, group_options={"normalise": True})
     elementwise = probe_update_kind(_Flagged, {"lr": 1e-2}, group_options={"normalise": False, "params": []})
     assert per_tensor.update == "per_tensor", per_tensor.reason
     assert elementwise.update == "elementwise", elementwise.reason
     assert probe_update_kind(_Flagged, {"lr": 1e-2}).update == "unknown"
-    assert kind_from_verdicts([elementwise, per_tensor]) == "tensor"
-    assert kind_from_verdicts([elementwise]) == "tensor"
-    assert kind_from_verdicts([elementwise, probe_update_kind(_Global, {"lr": 1e-2})]) == "replicated"
+    assert _kind_from_verdicts([elementwise, per_tensor]) == "tensor"
+    assert _kind_from_verdicts([elementwise]) == "tensor"
+    assert _kind_from_verdicts([elementwise, probe_update_kind(_Global, {"lr": 1e-2})]) == "replicated"
 
 
 def test_elementwise_is_bitwise() -> None:
