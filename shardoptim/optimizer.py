@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 
 from shardoptim.buffers import FlatBuffers, memory_perm, to_flat
 from shardoptim.comm import Comm
+from shardoptim.compiled import CompiledUpdate
 from shardoptim.config import DEFAULT_BUCKET_NUMEL, CommBackend, ShardConfig, Stage
 from shardoptim.entry import EntryCheck
 from shardoptim.grads import GradReducer, GradSlot
@@ -91,6 +92,9 @@ class ShardedOptimizer(Stepping, Optimizer):
         entry_timeout_s: how long the target rank of `consolidate_state_dict` (or rank 0 of a
             sharded checkpoint) waits for every other rank to call it too before it raises, naming
             the likely mistake (a collective called inside `if rank == 0:`); default 60 s.
+        compile: True (or a dict of `torch.compile` keywords, e.g. {"mode": "max-autotune-no-cudagraphs"})
+            runs the base step over this rank's slice as a compiled graph, compiled once per layout
+            (see shardoptim.compiled); never passed to the base class. Not for LBFGS.
         replicate_group: hybrid sharding: the state is sharded within `process_group` (e.g. the
             ranks of one node) and replicated across this group, which holds the rank at the same
             shard position in every other shard group (`shardoptim.hybrid_groups()` builds both
@@ -118,6 +122,7 @@ class ShardedOptimizer(Stepping, Optimizer):
         skip_nonfinite: bool = False,
         comm_backend: CommBackend = "auto",
         entry_timeout_s: float = 60.0,
+        compile: bool | dict[str, Any] = False,
         shard_group: dist.ProcessGroup | None = None,
         replicate_group: dist.ProcessGroup | None = None,
         device_mesh: Any = None,
@@ -140,6 +145,7 @@ class ShardedOptimizer(Stepping, Optimizer):
             skip_nonfinite=skip_nonfinite,
             comm_backend=comm_backend,
             entry_timeout_s=entry_timeout_s,
+            compile=compile,
         )
         groups = as_param_groups(params)
         choice = choose_kind(optimizer_class, sharding, defaults, groups)
@@ -233,6 +239,7 @@ class ShardedOptimizer(Stepping, Optimizer):
         except Exception as err:
             failure = err
         self._comm.raise_if_any_failed(failure, what=f"{optimizer_class.__name__} rejected the parameters")
+        self._update = CompiledUpdate(self.optim, self.config.compile_options())
         self._bind_(first_bucket=0)
         for key, value in self.optim.defaults.items():
             self.defaults.setdefault(key, value)
@@ -272,6 +279,11 @@ class ShardedOptimizer(Stepping, Optimizer):
             raise ValueError(
                 f"the sharded LBFGS supports stage=1 without master_dtype or skip_nonfinite, got stage={config.stage}, "
                 f"master_dtype={config.master_dtype}, skip_nonfinite={config.skip_nonfinite}; drop those options"
+            )
+        if self._kind == "lbfgs" and config.compile is not False:
+            raise ValueError(
+                f"compile={config.compile!r} is not supported with LBFGS: its sharded step evaluates the closure and "
+                "all-reduces inside every iteration, which is no single local update to compile; drop compile"
             )
         if self._kind == "replicated" and (config.stage != 1 or config.master_dtype):
             raise ValueError(

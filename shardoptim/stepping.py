@@ -22,6 +22,7 @@ import torch
 from torch.optim import Optimizer
 
 from shardoptim.comm import Comm, PendingGather
+from shardoptim.compiled import CompiledUpdate
 from shardoptim.config import ShardConfig
 from shardoptim.grads import GradReducer
 from shardoptim.hparams import HparamSyncer, copy_hparams_, flow_back_hparams_, snapshot_hparams
@@ -42,6 +43,7 @@ class Stepping:
     if TYPE_CHECKING:
         config: ShardConfig
         optim: Optimizer
+        _update: CompiledUpdate
         param_groups: list[dict[str, Any]]
         num_skipped_steps: int
         last_step_skipped: bool
@@ -126,7 +128,8 @@ class Stepping:
                     self.num_skipped_steps,
                 )
             return loss
-        if closure is not None and _takes_closure(self.optim):
+        # NOTE: a compiled update gets no closure (the loss is computed already; see shardoptim.compiled).
+        if closure is not None and _takes_closure(self.optim) and not self._update.compiles:
             kwargs = {**kwargs, "closure": _CachedLoss(loss)}
         pushed = snapshot_hparams(self.optim.param_groups)
         with torch.no_grad():
@@ -242,9 +245,10 @@ class Stepping:
         """Whether to call the base step once per bucket (to overlap each gather with the next update).
 
         Only for torch.optim's own classes, whose step has no per-call side effects beyond the
-        per-parameter state, and only where gathers can overlap (NCCL, gloo broadcasts).
+        per-parameter state, and only where gathers can overlap (NCCL, gloo broadcasts); never
+        with compile=True (one compiled graph over every bucket, not one per bucket).
         """
-        if type(self.optim) not in _TORCH_STEPWISE or len(self._buckets) < 2:
+        if self._update.compiles or type(self.optim) not in _TORCH_STEPWISE or len(self._buckets) < 2:
             return False
         return not self._comm.gathers_synchronously(self._buckets[0].segments.device)
 
@@ -327,7 +331,7 @@ class Stepping:
         result = None
         try:
             with self._rank0_rng():
-                result = self.optim.step(**step_kwargs)
+                result = self._update.step(**step_kwargs)
         except Exception as err:
             if type(self.optim) in _TORCH_STEPWISE:
                 raise
