@@ -14,7 +14,8 @@ with `torch.compile` once per layout and keeps it from recompiling when options 
   its warm-up calls, whose step runs no compiled graph at all (dynamo gave up on it), or whose
   compilation raises during warm-up falls back to the eager step for good, with one warning
   naming the class and the reason. During warm-up the slice's values, gradients, state and
-  groups are copied first, so a compilation that raises midway is undone before the eager rerun.
+  groups are copied first, so a call that raises midway (a compiler failure, or a frame dynamo
+  gave up on running eagerly with the stand-ins above) is undone before the eager rerun.
 
 Fused classes (a group with `fused=True`) are not compiled: their kernel is already one pass
 (one warning says compile has no effect). Must not import torch.distributed or the wrapper.
@@ -34,6 +35,9 @@ from torch.optim import Optimizer
 WARMUP_CALLS = 2
 #: Compilations allowed after warm-up, per layout, before falling back to eager.
 LATE_COMPILES = 2
+#: Dynamo's limit on compiled entries per function during these calls (its default, 8, counts the
+#: entries of every optimizer instance of the class ever stepped in the process, dead ones too).
+RECOMPILE_LIMIT = 64
 #: Group options held as 0-dim tensors during a compiled call (schedulers write them every step).
 TENSOR_KEYS = ("lr",)
 
@@ -110,8 +114,13 @@ class CompiledUpdate:
         compiles, runs = self.num_compiles, self.num_graph_runs
         try:
             result = self._call_compiled()
-        except torch._dynamo.exc.TorchDynamoException as err:
+        except Exception as err:
+            # NOTE: during warm-up any failure is undone and retried eagerly (a step that really
+            # fails raises again there). Later, only a compiler failure is labelled: a step run
+            # in part cannot be retried.
             if snapshot is None:
+                if not isinstance(err, torch._dynamo.exc.TorchDynamoException):
+                    raise
                 raise RuntimeError(
                     f"compile=True: recompiling {self.name}.step after warm-up raised {type(err).__name__}: {err}. "
                     "The step may have run in part, so it cannot be retried eagerly; build the optimizer with "
@@ -148,7 +157,8 @@ class CompiledUpdate:
                 group["capturable"] = True
         _running.append(self)
         try:
-            return self._compiled()
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return self._compiled()
         finally:
             _running.pop()
             for group, tensor, before in zip(groups, lr_tensors, saved):

@@ -416,6 +416,11 @@ class ShardedOptimizer(Stepping, Optimizer):
     # ----------------------------------------------------------------------------------- API
 
     @property
+    def compiled_update(self) -> CompiledUpdate:
+        """The local update's compiled step (compile=...): whether it compiles, its counts, why it fell back."""
+        return self._update
+
+    @property
     def sharding(self) -> Kind:
         """How the state is sharded: "flat", "tensor", "replicated" or "lbfgs"."""
         return self._kind
