@@ -327,3 +327,24 @@ def test_compiled_update_other_paths(ranks2: Any, case: str) -> None:
         # bf16 parameters: one bf16 rounding of a master that differs by float rounding may flip
         limit = 2**-7 if case == "stage2_master" else TOLERANCE["AdamW"]
         assert out["diff"] <= limit, out
+
+
+def _check_outer_compile(rank: int, world_size: int) -> dict[str, Any]:
+    plain = _model()
+    plain_opt = ShardedOptimizer(plain.parameters(), torch.optim.AdamW, compile=AOT, **_options("AdamW"))
+    _steps(plain, plain_opt, 0, 4)
+    outer = _model()
+    opt = ShardedOptimizer(outer.parameters(), torch.optim.AdamW, compile=AOT, **_options("AdamW"))
+    step = torch.compile(opt.step)  # PyTorch's recipe on top: the wrapper's step is a graph break
+    for i in range(4):
+        for group in opt.param_groups:
+            group["lr"] = _lr(i)
+        _backward(outer, i)
+        step()
+        opt.zero_grad()
+    return {"exact": _max_diff(plain, outer) == 0.0, "runs": opt.compiled_update.num_graph_runs}
+
+
+def test_outer_torch_compile_still_runs_the_compiled_update(ranks2: Any) -> None:
+    for out in ranks2.run(_check_outer_compile):
+        assert out["exact"] and out["runs"] >= 4, out
