@@ -38,8 +38,6 @@ LATE_COMPILES = 2
 #: Dynamo's limit on compiled entries per function during these calls (its default, 8, counts the
 #: entries of every optimizer instance of the class ever stepped in the process, dead ones too).
 RECOMPILE_LIMIT = 64
-#: Group options held as 0-dim tensors during a compiled call (schedulers write them every step).
-TENSOR_KEYS = ("lr",)
 
 # NOTE: the CompiledUpdate whose call is running: the counting backend and the graphs it
 # compiled report to it. Graphs cached by dynamo may be reused by another instance of the same
@@ -177,7 +175,7 @@ class CompiledUpdate:
         if self._compiles_after_warmup > LATE_COMPILES:
             self._fall_back(
                 f"its step recompiled {self._compiles_after_warmup} times after warm-up (a group option other "
-                f"than {list(TENSOR_KEYS)} changes between steps, e.g. a value its step writes every step)"
+                "than lr changes between steps, e.g. a value its step writes every step)"
             )
 
     def _fall_back(self, reason: str) -> None:
