@@ -23,6 +23,7 @@ Fused classes (a group with `fused=True`) are not compiled: their kernel is alre
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -79,7 +80,7 @@ class CompiledUpdate:
             )
             return
         self._compiled = torch.compile(
-            optim.step,
+            functools.partial(_unhooked_step(type(optim)), optim),
             backend=_CountingBackend(options),
             dynamic=options.get("dynamic"),
             fullgraph=bool(options.get("fullgraph", False)),
@@ -168,7 +169,7 @@ class CompiledUpdate:
             if self._calls == WARMUP_CALLS and ran == 0:
                 self._fall_back(
                     "dynamo compiled no graph of its step (a graph break inside its loop over the groups, "
-                    "data-dependent Python, or dynamo's recompile limit), so it runs eagerly anyway"
+                    "data-dependent Python, or dynamo's recompile limit)"
                 )
             return
         self._compiles_after_warmup += compiled_now
@@ -193,6 +194,21 @@ class CompiledUpdate:
     def note_graph_run(self) -> None:
         """Count one compiled graph run during this instance's call."""
         self.num_graph_runs += 1
+
+
+def _unhooked_step(cls: type[Optimizer]) -> Callable[..., Any]:
+    """Return the class's own step, without the profiling and hook wrapper torch.optim puts around it.
+
+    NOTE: that wrapper is one function shared by every optimizer class, so dynamo's compiled
+    entries for it are shared with every `torch.compile(some_optimizer.step)` in the process;
+    once those reach dynamo's recompile limit it never compiles the wrapper again, and a
+    compiled update through it would only ever run eagerly. The local optimizer has no hooks of
+    its own; global optimizer hooks (`register_optimizer_step_pre_hook`) fire for the wrapper's
+    step, not for the compiled local one.
+    """
+    step = cls.step
+    hooked = getattr(step, "hooked", False) and hasattr(step, "__wrapped__")
+    return step.__wrapped__ if hooked else step  # type: ignore[attr-defined]
 
 
 def _restore_numbers_(group: dict[str, Any], before: Mapping[str, Any], lr: torch.Tensor) -> None:
@@ -290,5 +306,9 @@ def _copy_state(param: torch.Tensor, state: Mapping[str, Any]) -> dict[str, Any]
 
 
 def _first_line(err: BaseException) -> str:
+    """Return the first line of an error, the backend's own error for a failed compilation."""
+    inner = getattr(err, "inner_exception", None)
+    if isinstance(inner, BaseException):
+        return f"{type(inner).__name__}: {_first_line(inner)}"
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
