@@ -246,7 +246,10 @@ class _CountingBackend:
             from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
 
+            # NOTE: fallback_random: random draws as eager makes them (inductor's own generator
+            # gives other numbers), so a class that draws computes what it computes eagerly.
             patches = {
+                "fallback_random": True,
                 **list_mode_options(options.get("mode") or "default", options.get("dynamic")),
                 **options.get("options", {}),
             }

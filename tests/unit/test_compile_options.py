@@ -62,3 +62,31 @@ def test_fused_class_is_not_compiled() -> None:
     assert opt.optim.param_groups[0]["fused"] is True
     assert not opt.compiled_update.compiles and "fused" in opt.compiled_update.fallback_reason
     assert sum("compile=True has no effect for AdamW" in str(w.message) for w in caught) == 1
+
+
+class _NoisySGD(torch.optim.SGD):
+    """SGD with gradient noise: a step that draws random numbers."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad + 0.01 * torch.randn_like(p), alpha=-group["lr"])
+        return None
+
+
+def _noisy_run(compile: bool) -> tuple[torch.Tensor, bool]:
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(64))
+    opt = ShardedOptimizer([param], _NoisySGD, lr=0.1, sharding="tensor", compile=compile)
+    for _ in range(4):
+        param.grad = torch.ones(64)
+        opt.step()
+    return param.detach().clone(), opt.compiled_update.compiles
+
+
+def test_compiled_random_draws_match_eager() -> None:
+    eager, _ = _noisy_run(False)
+    compiled, compiles = _noisy_run(True)
+    assert compiles and torch.equal(eager, compiled)
