@@ -1,6 +1,6 @@
 """`compile=`: the base step over each rank's slice runs as a compiled graph, once per layout.
 
-Two gloo ranks, tiny models. Every rank feeds the same batch, so the gradients are already their
+Two gloo ranks (four for hybrid sharding), tiny models. Every rank feeds the same batch, so the gradients are already their
 own average (no DDP needed). Inductor (compile=True) runs only the parity cases of AdamW and Lion,
 whose tolerances the README states; the other cases use the "aot_eager" backend, which goes
 through the same dynamo tracing and AOT scalar handling (a python-float lr recompiles there too)
@@ -361,3 +361,30 @@ def _check_outer_compile(rank: int, world_size: int) -> dict[str, Any]:
 def test_outer_torch_compile_still_runs_the_compiled_update(ranks2: Any) -> None:
     for out in ranks2.run(_check_outer_compile):
         assert out["exact"] and out["runs"] >= 4, out
+
+
+def _check_hybrid(rank: int, world_size: int) -> dict[str, Any]:
+    from shardoptim import hybrid_groups
+
+    shard, replicate = hybrid_groups(shard_size=2)
+    models = []
+    for compile in (False, AOT):
+        model = _model()
+        opt = ShardedOptimizer(
+            model.parameters(),
+            torch.optim.AdamW,
+            stage=2,
+            shard_group=shard,
+            replicate_group=replicate,
+            compile=compile,
+            **_options("AdamW"),
+        )
+        _steps(model, opt, 0, 4)
+        opt.verify_replicas()
+        models.append(model)
+    return {"diff": _max_diff(*models), "compiles": opt.compiled_update.compiles}
+
+
+def test_compiled_update_hybrid(ranks4: Any) -> None:
+    for out in ranks4.run(_check_hybrid):
+        assert out["compiles"] and out["diff"] <= TOLERANCE["AdamW"], out
