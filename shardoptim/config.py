@@ -7,6 +7,7 @@ checks: must not import torch.distributed or the rest of shardoptim.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -27,6 +28,9 @@ DEFAULT_BUCKET_NUMEL = 1 << 24
 DEFAULT_STAGE2_BUCKET_NUMEL = 1 << 22
 
 _MASTER_DTYPES = (torch.float32, torch.float64)
+#: The `torch.compile` keywords a `compile={...}` dict may hold (mode and options only with inductor).
+COMPILE_KEYS = ("backend", "mode", "options", "dynamic", "fullgraph")
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -54,6 +58,9 @@ class ShardConfig:
     """Library for the flat CPU collectives (mpi4py under mpirun, or torch.distributed)."""
     entry_timeout_s: float = 60.0
     """How long the rank a consolidation or checkpoint targets waits for the others to call it too."""
+    compile: bool | Mapping[str, Any] = False
+    """Run the base step over this rank's slice as a compiled graph (True, or `torch.compile`
+    keywords: backend, mode, options, dynamic, fullgraph); never passed to the base class."""
 
     @classmethod
     def from_options(cls, **options: Any) -> ShardConfig:
@@ -101,3 +108,41 @@ class ShardConfig:
             )
         if not isinstance(self.skip_nonfinite, bool):
             raise TypeError(f"skip_nonfinite must be True or False, got {self.skip_nonfinite!r}")
+        _validate_compile(self.compile)
+
+    def compile_options(self) -> dict[str, Any] | None:
+        """Return the `torch.compile` keywords of the local update, or None when it runs eagerly."""
+        if self.compile is False:
+            return None
+        return {} if self.compile is True else dict(self.compile)
+
+
+def _validate_compile(value: object) -> None:
+    """Raise TypeError/ValueError naming what is wrong with a `compile=` option."""
+    if isinstance(value, bool):
+        return
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"compile must be True, False or a dict of torch.compile options (e.g. {{'mode': "
+            f"'max-autotune-no-cudagraphs'}}), got {type(value).__name__} {value!r}"
+        )
+    unknown = sorted(str(k) for k in value if k not in COMPILE_KEYS)
+    if unknown:
+        raise ValueError(f"compile got unknown keys {unknown}; the keys it takes are {list(COMPILE_KEYS)}")
+    backend = value.get("backend", "inductor")
+    if not isinstance(backend, str):
+        raise TypeError(f"compile['backend'] must be the name of a torch.compile backend, got {backend!r}")
+    if backend != "inductor" and ("mode" in value or "options" in value):
+        raise ValueError(
+            f"compile['mode'] and compile['options'] need backend 'inductor', got backend {backend!r}"
+        )
+    mode = value.get("mode", "default")
+    if mode is not None and mode not in _COMPILE_MODES:
+        raise ValueError(f"compile['mode'] must be one of {list(_COMPILE_MODES)}, got {mode!r}")
+    options = value.get("options", {})
+    if not isinstance(options, Mapping):
+        raise TypeError(f"compile['options'] must be a dict of inductor options, got {options!r}")
+    if value.get("dynamic") not in (None, True, False):
+        raise ValueError(f"compile['dynamic'] must be None, True or False, got {value.get('dynamic')!r}")
+    if not isinstance(value.get("fullgraph", False), bool):
+        raise TypeError(f"compile['fullgraph'] must be True or False, got {value.get('fullgraph')!r}")

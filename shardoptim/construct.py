@@ -39,6 +39,11 @@ def check_supported(
             f"torch.optim.LBFGS supports one param group, got {num_groups}; pass the parameters as one "
             "group (LBFGS does not support per-parameter options)"
         )
+    if kind == "lbfgs" and config.compile is not False:
+        raise ValueError(
+            f"compile={config.compile!r} is not supported with LBFGS: its sharded step evaluates the closure and "
+            "all-reduces inside every iteration, which is no single local update to compile; drop compile"
+        )
     if kind == "lbfgs" and (config.stage != 1 or config.master_dtype or config.skip_nonfinite):
         raise ValueError(
             f"the sharded LBFGS supports stage=1 without master_dtype or skip_nonfinite, got stage={config.stage}, "

@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from shardoptim.accounting import local_state_nbytes, memory_nbytes
 from shardoptim.comm import Comm
+from shardoptim.compiled import CompiledUpdate
 from shardoptim.config import DEFAULT_BUCKET_NUMEL, CommBackend, ShardConfig, Stage
 from shardoptim.construct import (
     adopt_local_options,
@@ -88,6 +89,9 @@ class ShardedOptimizer(Optimizer):
         entry_timeout_s: how long the target rank of `consolidate_state_dict` (or rank 0 of a
             sharded checkpoint) waits for every other rank to call it too before it raises, naming
             the likely mistake (a collective called inside `if rank == 0:`); default 60 s.
+        compile: True (or a dict of `torch.compile` keywords, e.g. {"mode": "max-autotune-no-cudagraphs"})
+            runs the base step over this rank's slice as a compiled graph, compiled once per layout
+            (see shardoptim.compiled); never passed to the base class. Not for LBFGS.
         replicate_group: hybrid sharding: the state is sharded within `process_group` (e.g. the
             ranks of one node) and replicated across this group, which holds the rank at the same
             shard position in every other shard group (`shardoptim.hybrid_groups()` builds both
@@ -115,6 +119,7 @@ class ShardedOptimizer(Optimizer):
         skip_nonfinite: bool = False,
         comm_backend: CommBackend = "auto",
         entry_timeout_s: float = 60.0,
+        compile: bool | dict[str, Any] = False,
         shard_group: dist.ProcessGroup | None = None,
         replicate_group: dist.ProcessGroup | None = None,
         device_mesh: Any = None,
@@ -137,6 +142,7 @@ class ShardedOptimizer(Optimizer):
             skip_nonfinite=skip_nonfinite,
             comm_backend=comm_backend,
             entry_timeout_s=entry_timeout_s,
+            compile=compile,
         )
         groups = as_param_groups(params)
         choice = choose_kind(optimizer_class, sharding, defaults, groups)
@@ -180,6 +186,7 @@ class ShardedOptimizer(Optimizer):
         local_groups = self.placement.place_(params_list, list(range(len(self.param_groups))), self.param_groups)
         #: The base optimizer over this rank's pieces.
         self.optim = local_optimizer(self.placement, local_groups, resolved)
+        self._update = CompiledUpdate(self.optim, self.config.compile_options())
         self.placement.bind_(0, self._reducer)
         for key, value in self.optim.defaults.items():
             self.defaults.setdefault(key, value)
@@ -196,6 +203,7 @@ class ShardedOptimizer(Optimizer):
                 grads=grads,
                 reducer=self._reducer,
                 uses_rng=uses_rng,
+                update=self._update,
                 verify=lambda: self.verify_replicas(),
             )
         )
@@ -261,6 +269,11 @@ class ShardedOptimizer(Optimizer):
             if stepper is None or method is None or not callable(method) or hasattr(Optimizer, name):
                 raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
             return functools.partial(stepper.call_base_method, name)
+
+    @property
+    def compiled_update(self) -> CompiledUpdate:
+        """The local update's compiled step (compile=...): whether it compiles, its counts, why it fell back."""
+        return self._update
 
     @property
     def sharding(self) -> Kind:

@@ -49,7 +49,8 @@ class ShardedStep(StepSkeleton):
     def update(
         self, closure: Callable[[], float] | None, loss: Any, has_grad: list[bool] | None, kwargs: dict[str, Any]
     ) -> Any:
-        if closure is not None and takes_closure(self.optim):
+        # NOTE: a compiled update gets no closure (the loss is computed already; see shardoptim.compiled).
+        if closure is not None and takes_closure(self.optim) and not self.ctx.update.compiles:
             kwargs = {**kwargs, "closure": CachedLoss(loss)}
         with torch.no_grad():
             self._update_and_gather(has_grad, kwargs)
@@ -131,10 +132,11 @@ class ShardedStep(StepSkeleton):
         """Whether to call the base step once per bucket (to overlap each gather with the next update).
 
         Only for torch.optim's own classes, whose step has no per-call side effects beyond the
-        per-parameter state, and only where gathers can overlap (NCCL, gloo broadcasts).
+        per-parameter state, and only where gathers can overlap (NCCL, gloo broadcasts); never
+        with compile=True (one compiled graph over every bucket, not one per bucket).
         """
         buckets = self.placement.buckets
-        if type(self.optim) not in TORCH_ELEMENTWISE or len(buckets) < 2:
+        if self.ctx.update.compiles or type(self.optim) not in TORCH_ELEMENTWISE or len(buckets) < 2:
             return False
         return not self.placement.comm.gathers_synchronously(buckets[0].segments.device)
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from shardoptim.compiled import CompiledUpdate
 from shardoptim.gather_queue import gather_all
 from shardoptim.grads import GradReducer
 from shardoptim.hparams import HparamSyncer, copy_hparams_, flow_back_hparams_, snapshot_hparams
@@ -58,6 +59,8 @@ class StepContext:
     reducer: GradReducer | None
     uses_rng: bool
     verify: Callable[[], None]
+    update: CompiledUpdate
+    """Runs the base step over this rank's slice: compiled (compile=...) or eagerly."""
 
 
 class StepSkeleton:
@@ -142,7 +145,7 @@ class StepSkeleton:
         result = None
         try:
             with self._rank0_rng():
-                result = self.optim.step(**step_kwargs)
+                result = self.ctx.update.step(**step_kwargs)
         except Exception as err:
             if type(self.optim) in TORCH_ELEMENTWISE:
                 raise
