@@ -18,9 +18,15 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from shardoptim.groupinfo import group_device_types, warn_if_launched_unsharded
+from shardoptim.groupinfo import (
+    DEFAULT_TIMEOUT_S,
+    group_device_types,
+    group_timeout_s,
+    small_tensor_device,
+    warn_if_launched_unsharded,
+)
 from shardoptim.shm import SharedStaging
-from shardoptim.sidegroup import host_side_group
+from shardoptim.sidegroup import metadata_comm
 from shardoptim.teardown import hold_until_exit
 from shardoptim.transport_choice import TransportChoice
 from shardoptim.transports import (
@@ -32,17 +38,12 @@ from shardoptim.transports import (
 
 logger = logging.getLogger(__name__)
 
-#: Waits outside torch.distributed (MPI, the shared-memory barrier) last at most this long when
-#: neither the Comm nor its process group says how long: torch's default group timeout.
-_DEFAULT_TIMEOUT_S = 1800.0
 #: Reductions (max/min) of CPU tensors up to this many bytes go through the shared staging when
 #: every rank is on one host: the per-step hyperparameter and flag agreement, mostly.
 _SMALL_SHM_NBYTES = 64 << 10
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
 
-#: The CPU side group of each accelerator-only process group (see `Comm.for_metadata`).
-_SIDE_GROUPS: dict[dist.ProcessGroup, dist.ProcessGroup] = {}
 
 
 class Comm:
@@ -92,32 +93,12 @@ class Comm:
         self.host_reads = [0]
 
     def for_metadata(self) -> Comm:
-        """Return the Comm for the step's small metadata that the host reads (agreements, flags).
-
-        This Comm itself when its group has a CPU backend (or there is no group); else a Comm over
-        a gloo group of the same ranks (see shardoptim.sidegroup), made once per process group and
-        kept, so reading the agreed values never waits for the accelerator.
+        """Return the Comm for the step's small metadata that the host reads (see sidegroup.metadata_comm).
 
         Collective the first time for a group without a CPU backend: call on every rank of the
         group, in the same order (ShardedOptimizer calls it at construction).
         """
-        if not self.is_distributed or self.world_size == 1 or "cpu" in self.device_types:
-            return self
-        group = self.group if self.group is not None else dist.group.WORLD
-        assert group is not None
-        side = _SIDE_GROUPS.get(group)
-        if side is None:
-            side = host_side_group(self.group, timeout_s=self.timeout_s())
-            hold_until_exit(side)
-            _SIDE_GROUPS[group] = side
-        meta = Comm(side, timeout=self.timeout, backend_choice="torch")
-        meta.host_reads = self.host_reads
-        if meta.rank != self.rank:
-            raise RuntimeError(
-                f"{self.prefix}the CPU side group numbers this rank {meta.rank}, not {self.rank}: the process "
-                "group's ranks are not in ascending global order; build it from sorted ranks"
-            )
-        return meta
+        return metadata_comm(self)
 
     def timeout_s(self) -> float:
         """Seconds a wait outside torch.distributed (MPI, the shared-memory barrier) may last.
@@ -128,13 +109,8 @@ class Comm:
         if self.timeout is not None:
             return self.timeout.total_seconds()
         if not self.is_distributed:
-            return _DEFAULT_TIMEOUT_S
-        group = self.group if self.group is not None else dist.group.WORLD
-        try:
-            assert group is not None
-            return float(group._get_backend(self.device).options._timeout.total_seconds())
-        except (AttributeError, RuntimeError):  # a backend without options, or a torch without the field
-            return _DEFAULT_TIMEOUT_S
+            return DEFAULT_TIMEOUT_S
+        return group_timeout_s(self.group if self.group is not None else dist.group.WORLD, self.device)
 
     @property
     def prefix(self) -> str:
@@ -154,21 +130,8 @@ class Comm:
 
     @property
     def device(self) -> torch.device:
-        """The device small collective tensors live on.
-
-        The CPU whenever the group has a CPU backend (gloo, or "cpu:gloo,cuda:nccl": flags and
-        metadata then never touch an accelerator), else the group's accelerator: the current CUDA
-        device for an NCCL-only group, the meta device for a fake group registered for "meta".
-        """
-        types = self.device_types
-        if "cpu" in types:
-            return torch.device("cpu")
-        kind = "cuda" if "cuda" in types else types[0]
-        if kind == "meta":
-            return torch.device("meta")
-        module = getattr(torch, kind, None)
-        current = getattr(module, "current_device", None)
-        return torch.device(kind, current()) if callable(current) else torch.device(kind)
+        """The device small collective tensors live on (see groupinfo.small_tensor_device)."""
+        return small_tensor_device(self.device_types)
 
     def wire_device(self, device: torch.device) -> torch.device:
         """Return the device a tensor living on `device` travels on between ranks.

@@ -1,5 +1,5 @@
-"""What a process group is made of, read without communicating: its device types; and the warning
-for a launched job that never created one.
+"""What a process group is made of, read without communicating: its device types, the device its
+small tensors live on, its timeout; and the warning for a launched job that never created one.
 
 Must not import anything of shardoptim.
 """
@@ -10,7 +10,12 @@ import os
 import sys
 import warnings
 
+import torch
 import torch.distributed as dist
+
+#: Waits outside torch.distributed (MPI, the shared-memory barrier) last at most this long when
+#: neither the Comm nor its process group says how long: torch's default group timeout.
+DEFAULT_TIMEOUT_S = 1800.0
 
 _warned_unsharded = False
 
@@ -51,3 +56,32 @@ def group_device_types(group: dist.ProcessGroup | None, backend: str) -> tuple[s
     if ":" in backend:
         return tuple(dict.fromkeys(part.split(":")[0].strip() for part in backend.split(",")))
     return ("cuda",) if backend == "nccl" else ("cpu",)
+
+
+def group_timeout_s(group: dist.ProcessGroup | None, device: torch.device) -> float:
+    """Return the timeout `group` was created with (`init_process_group(timeout=)`, `new_group(timeout=)`).
+
+    torch's default of 30 minutes when the backend does not say.
+    """
+    try:
+        assert group is not None
+        return float(group._get_backend(device).options._timeout.total_seconds())
+    except (AssertionError, AttributeError, RuntimeError):  # a backend without options, or a torch without the field
+        return DEFAULT_TIMEOUT_S
+
+
+def small_tensor_device(types: tuple[str, ...]) -> torch.device:
+    """Return the device small collective tensors live on, for a group with backends for `types`.
+
+    The CPU whenever the group has a CPU backend (gloo, or "cpu:gloo,cuda:nccl": flags and
+    metadata then never touch an accelerator), else the group's accelerator: the current CUDA
+    device for an NCCL-only group, the meta device for a fake group registered for "meta".
+    """
+    if "cpu" in types:
+        return torch.device("cpu")
+    kind = "cuda" if "cuda" in types else types[0]
+    if kind == "meta":
+        return torch.device("meta")
+    module = getattr(torch, kind, None)
+    current = getattr(module, "current_device", None)
+    return torch.device(kind, current()) if callable(current) else torch.device(kind)
