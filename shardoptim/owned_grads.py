@@ -29,8 +29,8 @@ class OwnedGrads:
 
     Args:
         comm: the shard group.
-        placement: the optimizer's placed state: its parameters, and the pieces whose gradients
-            count toward norms and inf/nan checks (`norm_pieces`).
+        placement: the optimizer's placed state: its parameters, this rank's pieces, and the
+            pieces whose gradients count toward norms and inf/nan checks (`norm_pieces`).
         reducer: the stage-2 gradient reducer, or None at stage 1.
         whole_tensors: pieces are whole parameters (tensor sharding), shaped like them.
     """
@@ -61,16 +61,16 @@ class OwnedGrads:
         dtype and memory order, with the per-piece decisions planned once: the piece of a whole 1-D
         parameter gets `.grad` itself, of a whole n-D one its flat view.
         """
-        pieces = self._placement.norm_pieces
-        if positions is not None:
-            pieces = [pieces[i] for i in positions]
+        pieces = self._placement.pieces
+        chosen = range(len(pieces)) if positions is None else positions
         if self._reducer is not None:
-            return [self._shard_grad(p, has_grad) if active[p.bucket] else None for p in pieces]
-        if len(self._plan) != len(self._placement.norm_pieces):
-            self._plan = [self._plan_piece(p) for p in self._placement.norm_pieces]
-        plan = self._plan if positions is None else [self._plan[i] for i in positions]
+            return [self._shard_grad(pieces[i], has_grad) if active[pieces[i].bucket] else None for i in chosen]
+        if len(self._plan) != len(pieces):
+            self._plan = [self._plan_piece(p) for p in pieces]
         out: list[torch.Tensor | None] = []
-        for piece, (index, as_is, whole, cast, perm) in zip(pieces, plan):
+        for i in chosen:
+            piece = pieces[i]
+            index, as_is, whole, cast, perm = self._plan[i]
             grad = self._placement.params[index].grad if active[piece.bucket] else None
             if grad is not None and not as_is:
                 # NOTE: in the parameter's memory order, as its flat range (see buffers.memory_perm).

@@ -72,8 +72,6 @@ class Placement:
         self.buckets: list[Bucket] = []
         self.pieces: list[Piece] = []
         """This rank's pieces of the parameters, in local-optimizer order."""
-        self.norm_pieces: list[Piece] = []
-        """The pieces whose gradients count toward global norms and inf/nan checks (replicated: rank 0's)."""
         self.layouts: list[Layout] = []
         """One layout per batch of placed parameters (construction, then each added group)."""
         self.buffers: list[FlatBuffers] = []
@@ -106,8 +104,6 @@ class Placement:
             pieces = whole_pieces(new_params, first_index=first_index)
             self.params.extend(new_params)
             self.pieces.extend(pieces)
-            if self.comm.rank == 0:
-                self.norm_pieces.extend(pieces)
             return [{**_options(param_groups[g]), "params": list(param_groups[g]["params"])} for g in group_indices]
         id_to_group = {id(p): g for g in group_indices for p in param_groups[g]["params"]}
         index_to_group = {first_index + i: id_to_group[id(p)] for i, p in enumerate(new_params)}
@@ -133,7 +129,6 @@ class Placement:
         self.buffers.append(placed.buffers)
         self.buckets.extend(placed.buckets)
         self.pieces.extend(placed.pieces)
-        self.norm_pieces.extend(placed.pieces)
         group_to_locals: dict[int, list[torch.Tensor]] = {g: [] for g in group_indices}
         for piece in placed.pieces:
             group_to_locals[index_to_group[piece.index]].append(piece.local)
@@ -198,9 +193,17 @@ class Placement:
         self.masters.drop_from_(len(self.buckets))
 
     def _lists(self) -> tuple[list[Any], ...]:
-        return (self.params, self.buckets, self.pieces, self.buffers, self.layouts, self.norm_pieces)
+        return (self.params, self.buckets, self.pieces, self.buffers, self.layouts)
 
     # --------------------------------------------------------------------------- reading
+
+    @property
+    def norm_pieces(self) -> list[Piece]:
+        """The pieces whose gradients count toward global norms and inf/nan checks.
+
+        This rank's pieces; replicated, where every rank holds every piece, rank 0's only.
+        """
+        return self.pieces if self.kind != "replicated" or self.comm.rank == 0 else []
 
     def settle_(self) -> None:
         """Bring parameters moved or written from outside since the last step back into the buckets."""

@@ -39,6 +39,9 @@ class LBFGSStep(StepSkeleton):
     def update(
         self, closure: Callable[[], float] | None, loss: Any, has_grad: list[bool] | None, kwargs: dict[str, Any]
     ) -> Any:
+        # NOTE: before the step, not only after it (count_step): the step creates its state before
+        # it first calls the closure, so a closure that raises leaves state that state_dict() must
+        # consolidate rather than report empty.
         self.placement.mark_stepped()
         return self.optim.step(closure)
 
