@@ -237,3 +237,23 @@ def test_frozen_parameter_keeps_its_gradient_and_value() -> None:
     opt.step()
     assert bias.grad is grad and torch.equal(bias, torch.ones(4))
     assert torch.equal(weight, torch.full((4, 4), 0.5))
+
+
+def test_non_contiguous_1d_parameter_is_updated_through_a_view() -> None:
+    """A strided 1-D parameter is not taken as the local optimizer's own tensor (its home is a contiguous
+    copy it is re-bound to); the step still matches torch's."""
+    strided = torch.nn.Parameter(torch.arange(16.0)[::2])
+    plain = torch.nn.Parameter(torch.arange(8.0))
+    ref = [torch.nn.Parameter(strided.detach().clone()), torch.nn.Parameter(plain.detach().clone())]
+    assert not strided.is_contiguous()
+    opt = ShardedOptimizer([strided, plain], torch.optim.AdamW, lr=0.1)
+    ref_opt = torch.optim.AdamW(ref, lr=0.1, fused=True)
+    assert [piece.is_param for piece in opt.placement.pieces] == [False, True]
+    for step in range(3):
+        for p, q in zip((strided, plain), ref):
+            p.grad = torch.full((8,), float(step + 1))
+            q.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+        for p, q in zip((strided, plain), ref):
+            assert torch.equal(p, q)
