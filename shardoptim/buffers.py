@@ -10,6 +10,12 @@ Two kinds, chosen by `full`:
   (`segments`): a shared-memory gather reads and writes them in place; other gathers go through
   a whole-bucket scratch buffer (`ParamStorage.gather_target`).
 
+Where the group's CPU buckets move through shared memory (every rank on one host), they live in a
+peer region (shardoptim.peer_region) instead: the bucket buffers, or the own-storage homes, each
+home still a storage of its own, are carved from a mapping every peer can read, so a gather is
+one copy out of the owners' mappings. Own storage then moves each parameter once, at binding,
+into its new home, as bucket views do.
+
 A parameter keeps its memory format (channels_last, or any other dense permuted layout): its
 flat range in a bucket (its home's flat view) holds its elements in memory order, not in the
 logical row-major order, and everything that maps a flat range to a tensor (gradients, state
@@ -20,11 +26,12 @@ Must not import torch.distributed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from shardoptim.layout import Layout, LocalSlice
+from shardoptim.peer_region import PeerBucket, PeerRegion, aligned
 from shardoptim.segments import Segments
 
 #: The order of a tensor's dimensions in memory, outermost first; None for row-major (contiguous).
@@ -60,6 +67,10 @@ def from_flat(flat: torch.Tensor, shape: Sequence[int], perm: MemoryPerm) -> tor
     return flat.view([shape[d] for d in perm]).permute(inverse)
 
 
+#: Opens a peer region of the given bytes for buckets of the given signature (collective), or None.
+RegionOpener = Callable[[int, object], "PeerRegion | None"]
+
+
 class FlatBuffers:
     """Allocate one zero-padded buffer per bucket of `layout` and copy the parameters in (or not: own storage).
 
@@ -70,37 +81,80 @@ class FlatBuffers:
         full: hold whole buckets (True), or keep the parameters in their own storage (False).
         offset: position of `params[0]` in the optimizer's list of all parameters; the methods
             below take and return indices into that list.
+        open_region: when given (CPU buckets of a group on one host), the CPU buckets go into a
+            peer region (shardoptim.peer_region): the buffers, or the parameters' new homes, each
+            its own storage. Own-storage buckets go there only when each of their parameters owns
+            its whole storage (moving a view of a larger tensor would cut it off from that
+            tensor); the others keep their homes. Collective: called once, on every rank.
 
     The parameters are not touched until `bind_params_` is called.
     """
 
-    def __init__(self, layout: Layout, params: Sequence[torch.Tensor], *, full: bool = True, offset: int = 0) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        params: Sequence[torch.Tensor],
+        *,
+        full: bool = True,
+        offset: int = 0,
+        open_region: RegionOpener | None = None,
+    ) -> None:
         self.layout = layout
         self.full = full
         self.buffers: list[torch.Tensor | None] = []
         """Per bucket: the whole bucket (full), else None."""
+        self.peers: list[PeerBucket | None] = [None] * len(layout.buckets)
+        """Per bucket: the bucket in every rank's peer region, or None when it is not in one."""
         self._index_to_home: dict[int, torch.Tensor] = {}
+        firsts = [params[bucket.placements[0].index] for bucket in layout.buckets]
+        region, b_to_offset = self._open_region(params, firsts, open_region)
         with torch.no_grad():
-            for bucket in layout.buckets:
-                first = params[bucket.placements[0].index]
-                self.buffers.append(
-                    torch.zeros(bucket.padded_numel, dtype=first.dtype, device=first.device) if full else None
-                )
             for b, bucket in enumerate(layout.buckets):
-                buffer = self.buffers[b]
+                first, start = firsts[b], b_to_offset.get(b)
+                if region is not None and start is not None:
+                    self.peers[b] = region.bucket(start, bucket.padded_numel, first.dtype)
+                buffer: torch.Tensor | None = None
+                if full and region is not None and start is not None:
+                    buffer = region.carve(start, bucket.padded_numel, first.dtype)  # zeros: a fresh file
+                elif full:
+                    buffer = torch.zeros(bucket.padded_numel, dtype=first.dtype, device=first.device)
+                self.buffers.append(buffer)
                 for placement in bucket.placements:
                     param = params[placement.index]
-                    index = offset + placement.index
                     perm = memory_perm(param)
                     if buffer is not None:
-                        view = buffer.narrow(0, placement.start_global, placement.numel)
-                        view.copy_(to_flat(param.detach(), perm))
-                        self._index_to_home[index] = from_flat(view, param.shape, perm)
+                        home_flat = buffer.narrow(0, placement.start_global, placement.numel)
+                    elif region is not None and start is not None:
+                        home_flat = region.carve(
+                            start + placement.start_global * first.element_size(), placement.numel, first.dtype
+                        )
                     else:
                         # NOTE: a parameter neither contiguous nor dense-permuted (rare) gets a contiguous home.
                         detached = param.detach()
-                        self._index_to_home[index] = detached if perm is not None else detached.contiguous()
+                        home = detached if perm is not None else detached.contiguous()
+                        self._index_to_home[offset + placement.index] = home
+                        continue
+                    home_flat.copy_(to_flat(param.detach(), perm))
+                    self._index_to_home[offset + placement.index] = from_flat(home_flat, param.shape, perm)
         self._offset = offset
+
+    def _open_region(
+        self, params: Sequence[torch.Tensor], firsts: Sequence[torch.Tensor], open_region: RegionOpener | None
+    ) -> tuple[PeerRegion | None, dict[int, int]]:
+        """Open the peer region of the buckets that may live in one; return it and their byte offsets in it."""
+        if open_region is None:
+            return None, {}
+        b_to_offset: dict[int, int] = {}
+        nbytes = 0
+        for b, bucket in enumerate(self.layout.buckets):
+            first = firsts[b]
+            movable = self.full or all(_owns_storage(params[p.index]) for p in bucket.placements)
+            if first.device.type == "cpu" and bucket.padded_numel and movable:
+                b_to_offset[b] = nbytes
+                nbytes = aligned(nbytes + bucket.padded_numel * first.element_size())
+        signature = tuple((b, self.layout.buckets[b].padded_numel, str(firsts[b].dtype)) for b in b_to_offset)
+        region = open_region(nbytes, signature)
+        return region, (b_to_offset if region is not None else {})
 
     def indices(self) -> list[int]:
         """Return the optimizer indices of the parameters these buffers hold."""
@@ -114,13 +168,13 @@ class FlatBuffers:
         """Return bucket `b` as flat segments: its one buffer, or its parameters' homes end to end."""
         buffer = self.buffers[b]
         if buffer is not None:
-            return Segments.whole(buffer)
+            return Segments.whole(buffer, peer=self.peers[b])
         bucket = self.layout.buckets[b]
         parts = [
             (p.start_global, self._flat_home(self._offset + p.index))
             for p in sorted(bucket.placements, key=lambda p: p.start_global)
         ]
-        return Segments(parts, bucket.padded_numel)
+        return Segments(parts, bucket.padded_numel, peer=self.peers[b])
 
     def local_view(self, piece: LocalSlice, *, shape: torch.Size | None = None) -> torch.Tensor:
         """Return the owned piece of a parameter as a view of its bucket or home (1-D, or `shape` if given)."""
@@ -149,3 +203,13 @@ class FlatBuffers:
 def at_home(param: torch.Tensor, home: torch.Tensor) -> bool:
     """Return whether `param`'s storage is `home` (the same memory, laid out the same way)."""
     return param.data_ptr() == home.data_ptr() and param.stride() == home.stride()
+
+
+def _owns_storage(param: torch.Tensor) -> bool:
+    """Return whether `param` is all of its storage, laid out densely (so moving it cuts off no other tensor)."""
+    try:
+        nbytes = param.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        return False
+    dense = param.is_contiguous() or memory_perm(param) is not None
+    return dense and param.storage_offset() == 0 and nbytes == param.numel() * param.element_size()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shardoptim.buffers import FlatBuffers, from_flat, memory_perm
+from shardoptim.buffers import FlatBuffers, RegionOpener, from_flat, memory_perm
 from shardoptim.flat_layout import build_flat_layout
 from shardoptim.layout import Layout, ShardRange, align_for_itemsize
 from shardoptim.master import MasterPiece, MasterShards, needs_master
@@ -84,6 +84,7 @@ def place_params(
     master_dtype: torch.dtype | None,
     full: bool = True,
     param_locals: bool = False,
+    open_region: RegionOpener | None = None,
 ) -> Placed:
     """Lay out `params`, copy them into new buckets, and cut this rank's pieces (and master copies).
 
@@ -106,6 +107,7 @@ def place_params(
         param_locals: let the local optimizer update a wholly owned parameter itself (whole-tensor
             sharding, or a whole 1-D parameter of the flat layout, without a master copy), so its
             state has the shape it would have unsharded and its `.grad` serves as it is (stage 1).
+        open_region: opens the peer region the CPU buckets may live in (see FlatBuffers); collective.
     """
     key_to_id: dict[tuple[str, torch.dtype, bool], int] = {}
     keys = [key_to_id.setdefault((str(p.device), p.dtype, p.requires_grad), len(key_to_id)) for p in params]
@@ -125,7 +127,7 @@ def place_params(
         layout = build_tensor_layout(
             numels, num_shards=world_size, owners=owners, keys=keys, bucket_numel=bucket_numel
         )
-    buffers = FlatBuffers(layout, params, full=full, offset=first_index)
+    buffers = FlatBuffers(layout, params, full=full, offset=first_index, open_region=open_region)
     buckets = []
     for b, bucket in enumerate(layout.buckets):
         segments = buffers.segments(b)

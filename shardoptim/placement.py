@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from shardoptim.buffers import FlatBuffers
+from shardoptim.buffers import FlatBuffers, RegionOpener
 from shardoptim.comm import Comm
 from shardoptim.config import ShardConfig
 from shardoptim.entry import EntryCheck
@@ -98,6 +98,8 @@ class Placement:
 
         The parameters are not yet bound to the buckets (`bind_` does that once the local
         optimizer accepted the groups, so a rejected option leaves the model untouched).
+
+        Collective: call on every rank, in the same order (CPU buckets may go into a peer region).
         """
         first_index = len(self.params)
         if self.kind == "replicated":
@@ -123,6 +125,7 @@ class Placement:
             full=self.config.parameters_as_bucket_view,
             # NOTE: at stage 2 gradients come from the reduced shards, never from .grad.
             param_locals=self.config.stage == 1 and self.kind in ("flat", "tensor"),
+            open_region=self._region_opener(new_params),
         )
         self.layouts.append(placed.layout)
         self.params.extend(new_params)
@@ -133,6 +136,12 @@ class Placement:
         for piece in placed.pieces:
             group_to_locals[index_to_group[piece.index]].append(piece.local)
         return [{**_options(param_groups[g]), "params": group_to_locals[g]} for g in group_indices]
+
+    def _region_opener(self, new_params: Sequence[torch.Tensor]) -> RegionOpener | None:
+        """How CPU buckets get into a peer region, when the group gathers them through shared memory."""
+        if self.comm.world_size == 1 or all(p.device.type != "cpu" for p in new_params):
+            return None
+        return self.comm.transports.open_peer_region
 
     def bind_(self, first_bucket: int, reducer: GradReducer | None) -> None:
         """Point the latest placed parameters at their buckets; register buckets from `first_bucket` for stage 2."""

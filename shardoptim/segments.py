@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from shardoptim.peer_region import PeerBucket
 
 
 class Segments:
@@ -23,14 +27,19 @@ class Segments:
         parts: (start in the bucket, 1-D tensor) per segment, sorted by start and disjoint, all of
             one dtype and device.
         numel: elements of the whole bucket (padding included).
+        peer: the bucket in every rank's mapping when it lives in a peer region (shardoptim.peer_region):
+            a shared-memory gather then reads the other ranks' ranges straight from their mappings.
     """
 
-    def __init__(self, parts: Sequence[tuple[int, torch.Tensor]], numel: int) -> None:
+    def __init__(
+        self, parts: Sequence[tuple[int, torch.Tensor]], numel: int, *, peer: PeerBucket | None = None
+    ) -> None:
         if not parts:
             raise ValueError("Segments needs at least one tensor")
         self.dtype = parts[0][1].dtype
         self.device = parts[0][1].device
         self.numel = numel
+        self.peer = peer
         self.parts = [(start, t) for start, t in parts if t.numel()]
         self._starts = [start for start, _ in self.parts]
         ends = [start + t.numel() for start, t in self.parts]
@@ -39,9 +48,9 @@ class Segments:
             raise ValueError(f"segments overlap or pass the bucket's {numel} elements: (start, numel) {spans}")
 
     @classmethod
-    def whole(cls, tensor: torch.Tensor) -> Segments:
+    def whole(cls, tensor: torch.Tensor, *, peer: PeerBucket | None = None) -> Segments:
         """Return a 1-D tensor as a bucket of one segment."""
-        return cls([(0, tensor)], tensor.numel())
+        return cls([(0, tensor)], tensor.numel(), peer=peer)
 
     def element_size(self) -> int:
         return self.dtype.itemsize

@@ -177,8 +177,11 @@ class SharedStaging:
             os.unlink(path)  # the mappings stay valid; nothing is left behind in /dev/shm
         return True
 
-    def _barrier(self, what: str) -> None:
-        """Wait for every rank between a round's copies in and out (Collective)."""
+    def barrier(self, what: str) -> None:
+        """Wait for every rank of the host group (between a round's copies in and out).
+
+        Collective: call on every rank of the group, in the same order.
+        """
         if self._spin is not None:
             self._spin.wait(what)
         else:
@@ -242,7 +245,7 @@ class SharedStaging:
         plan = self._round_plan(half_index, half, segments, cacheable=cacheable)
         if plan.read_dst:
             torch._foreach_copy_(plan.read_dst, plan.read_src)
-        self._barrier(_GATHER)
+        self.barrier(_GATHER)
         if plan.write_dst:
             torch._foreach_copy_(plan.write_dst, plan.write_src)
 
@@ -302,7 +305,7 @@ class SharedStaging:
         slots = self._next_half()[: nbytes * self._world_size].view(self._world_size, nbytes).view(tensor.dtype)
         numel = tensor.numel()
         slots[self._rank, :numel].copy_(tensor.reshape(-1))
-        self._barrier(what)
+        self.barrier(what)
         values = slots[:, :numel]
         tensor.copy_((values.amin(dim=0) if negate else values.amax(dim=0)).view(tensor.shape))
         return True
@@ -344,7 +347,7 @@ class SharedStaging:
                 if owner != me and numel > 0:
                     start = bounds[owner] + first
                     slots[me, owner - (owner > me)].narrow(0, 0, numel).copy_(bucket[start : start + numel])
-            self._barrier(_REDUCE)
+            self.barrier(_REDUCE)
             numel = min(chunk, sizes[me] - first)
             if numel <= 0:
                 continue

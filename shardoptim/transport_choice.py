@@ -1,9 +1,10 @@
 """Which bucket transport (shardoptim.transports) a group uses, per device type: chosen once, then fixed.
 
 Accelerator buckets, and every bucket of a group without gloo, use torch's collectives
-("all_gather"). CPU buckets of a gloo group use the shared-memory staging when every rank is on
-one host and the area can be mapped (mapped when the choice is made, so no later call can find it
-missing and switch ways), else gloo broadcasts; under an MPI launcher (comm_backend "auto" or
+("all_gather"). CPU buckets of a gloo group use shared memory when every rank is on one host and the
+staging area can be mapped (mapped when the choice is made, so no later call can find it missing
+and switch ways): their buckets then live in peer regions where they can (`open_peer_region`),
+else gloo broadcasts; under an MPI launcher (comm_backend "auto" or
 "mpi") mpi4py serves what it does faster. Must not import shardoptim.optimizer.
 """
 
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from shardoptim.peer_region import PeerRegion, open_peer_region
 from shardoptim.shm import SharedStaging, same_host
 from shardoptim.transports import BucketTransport, ShmTransport, TorchTransport, TransportName
 
@@ -86,6 +88,33 @@ class TransportChoice:
             if isinstance(candidate, ShmTransport):
                 return candidate.staging
         return None
+
+    def open_peer_region(self, nbytes: int, signature: object) -> PeerRegion | None:
+        """Map `nbytes` of CPU buckets per rank where every peer can read them (shardoptim.peer_region).
+
+        Only where CPU buckets move through shared memory; None (on every rank) elsewhere or when
+        a rank cannot reserve its file: then gathers go through the staging area (two copies).
+        `signature` names the buckets (the same on every rank). Collective: call on every rank,
+        in the same order.
+        """
+        comm = self._comm
+        if not isinstance(self.get(torch.device("cpu")), ShmTransport):
+            return None
+        region, why = open_peer_region(
+            comm.rank,
+            nbytes,
+            signature,
+            functools.partial(comm.all_gather_object, what="shared parameter memory setup"),
+            lambda: comm.barrier(what="shared parameter memory setup"),
+        )
+        if region is None and why and comm.rank == 0:
+            logger.warning(
+                "%sparameters stay in private memory and every gather copies them twice through the "
+                "shared staging area: %s. A larger /dev/shm (docker run --shm-size) allows one copy",
+                comm.prefix,
+                why,
+            )
+        return region
 
     def _staging_area(self) -> SharedStaging:
         """Return the group's one staging area (not mapped yet), for gathers and reduce-scatters alike.

@@ -1,0 +1,187 @@
+"""Buckets that every rank of a host can read: the one-copy shared-memory gather.
+
+When every rank of a CPU group runs on one host, each rank keeps its CPU buckets (the parameters
+themselves: their own storage, or the bucket views) in a file of /dev/shm that it maps shared and
+that every peer maps too. A step's update writes this rank's range where the parameters live, so
+a gather is one barrier, every rank copying each other rank's range straight out of that rank's
+mapping into its own buckets, and one more barrier (no rank writes its parameters again before
+every peer has read them). One copy instead of the staging area's two (in, then out), and no
+staging memory: the files hold the parameters, which no longer live in private memory, so the
+host's memory use does not grow.
+
+Own-storage parameters keep a storage each: every home is its own `torch.frombuffer` over its
+slice of the mapping, so serializers that de-duplicate tensors by storage still see distinct
+tensors. A rank maps each peer's file whole but touches only that peer's ranges: its RSS counts
+those shared pages (about (N - 1) / N of the parameters' bytes, once per host in fact; PSS does
+not double count them).
+
+Must not import torch.distributed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from shardoptim.shm import SHM_DIR
+
+#: Where a bucket starts in a rank's file: a cache line, so no two buckets share one.
+_ALIGN_NBYTES = 64
+#: Gathers planned at most (a step gathers the same buckets every time: one or two plans).
+_MAX_PLANS = 64
+
+
+def aligned(nbytes: int) -> int:
+    """Round `nbytes` up to where the next bucket of a peer region may start."""
+    return -(-nbytes // _ALIGN_NBYTES) * _ALIGN_NBYTES
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class PeerBucket:
+    """One bucket as every rank of the host holds it: `views[r]` is rank r's copy (1-D, padding included)."""
+
+    views: tuple[torch.Tensor, ...]
+    rank: int
+
+
+class PeerRegion:
+    """This rank's mapping of its buckets, and every peer's mapping of theirs (the same layout).
+
+    Built by `open_peer_region`. Args: rank; mine: this rank's mapping; peers: per rank its
+    mapping as uint8 (this rank's own at `rank`).
+    """
+
+    def __init__(self, rank: int, mine: mmap.mmap, peers: Sequence[torch.Tensor]) -> None:
+        self.rank = rank
+        self._mine = mine
+        self._peers = list(peers)
+
+    def carve(self, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Return `numel` elements of this rank's mapping at byte `offset`, as a tensor with a storage of its own."""
+        if numel == 0:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(self._mine, dtype=dtype, count=numel, offset=offset)
+
+    def bucket(self, offset: int, numel: int, dtype: torch.dtype) -> PeerBucket:
+        """Return the bucket of `numel` elements at byte `offset` of every rank's mapping."""
+        nbytes = numel * dtype.itemsize
+        views = tuple(peer[offset : offset + nbytes].view(dtype) for peer in self._peers)
+        return PeerBucket(views, self.rank)
+
+
+def open_peer_region(
+    rank: int,
+    nbytes: int,
+    signature: object,
+    all_gather_object: Callable[[object], list[object]],
+    barrier: Callable[[], None],
+) -> tuple[PeerRegion | None, str]:
+    """Map a file of `nbytes` per rank that every rank of the host can read; agree on it.
+
+    Each rank reserves its file's blocks (posix_fallocate: a too-small /dev/shm fails here, not
+    with SIGBUS later), the ranks exchange the names, map the peers' files and unlink their own
+    once everyone has mapped it (nothing is left in /dev/shm; the mappings stay valid). Returns
+    (None, why) on every rank when any rank cannot reserve its file or the ranks laid out
+    different buckets (`signature` differs), else (the region, "").
+
+    Collective: call on every rank of the group, in the same order.
+    """
+    name, fd, failure = None, -1, ""
+    if nbytes > 0:
+        name = f"shardoptim-params-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as err:
+            failure = f"rank {rank} cannot reserve {nbytes:,} bytes in {SHM_DIR}: {err}"
+            _drop(fd, name)
+            name, fd = None, -1
+    everyone = all_gather_object((name, signature, failure))
+    failures = [str(entry[2]) for entry in everyone if entry[2]]  # type: ignore[index]
+    if len({repr(entry[1]) for entry in everyone}) > 1:  # type: ignore[index]
+        failures.append("the ranks laid out different buckets (are their models the same?)")
+    if failures or nbytes == 0:
+        _drop(fd, name)
+        return None, "; ".join(failures)
+    assert name is not None
+    mine = mmap.mmap(fd, nbytes)  # MAP_SHARED, read and write
+    os.close(fd)
+    peers = []
+    for r, entry in enumerate(everyone):
+        if r == rank:
+            peers.append(torch.frombuffer(mine, dtype=torch.uint8, count=nbytes))
+        else:
+            path = os.path.join(SHM_DIR, str(entry[0]))  # type: ignore[index]
+            peers.append(torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8))
+    barrier()
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(SHM_DIR, name))
+    return PeerRegion(rank, mine, peers), ""
+
+
+def _drop(fd: int, name: str | None) -> None:
+    """Close and remove a file this rank reserved (if any)."""
+    if fd >= 0:
+        os.close(fd)
+    if name is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(SHM_DIR, name))
+
+
+@dataclass(slots=True)
+class _GatherPlan:
+    buckets: list[PeerBucket]
+    bounds: list[Sequence[int]]
+    dst: list[torch.Tensor]
+    src: list[torch.Tensor]
+
+
+class PeerGather:
+    """Gather peer buckets: one barrier, each other rank's range copied out of its mapping, one barrier.
+
+    Args:
+        barrier: the host's barrier among the group's ranks, given the operation's name.
+    """
+
+    def __init__(self, barrier: Callable[[str], None]) -> None:
+        self._barrier = barrier
+        self._plans: dict[tuple[int, ...], _GatherPlan] = {}
+
+    def gather_(self, buckets: Sequence[tuple[PeerBucket, Sequence[int]]], *, what: str) -> None:
+        """Fill every rank's range of each bucket (`bounds`: world_size + 1 offsets) from its owner.
+
+        Collective: call on every rank of the group, in the same order, with the same buckets.
+        """
+        plan = self._plan(buckets)
+        self._barrier(f"{what}: ranges written")
+        if plan.dst:
+            torch._foreach_copy_(plan.dst, plan.src)
+        self._barrier(f"{what}: ranges read")
+
+    def _plan(self, buckets: Sequence[tuple[PeerBucket, Sequence[int]]]) -> _GatherPlan:
+        """Return the copies of one gather: planned once per distinct list of buckets, then replayed."""
+        key = tuple(id(item) for pair in buckets for item in pair)
+        plan = self._plans.get(key)
+        if plan is not None and all(
+            held is bucket and held_bounds is bounds
+            for held, held_bounds, (bucket, bounds) in zip(plan.buckets, plan.bounds, buckets)
+        ):
+            return plan
+        plan = _GatherPlan([b for b, _ in buckets], [bounds for _, bounds in buckets], [], [])
+        for bucket, bounds in buckets:
+            mine = bucket.views[bucket.rank]
+            for r, view in enumerate(bucket.views):
+                lo, hi = bounds[r], bounds[r + 1]
+                if r != bucket.rank and hi > lo:
+                    plan.dst.append(mine[lo:hi])
+                    plan.src.append(view[lo:hi])
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
