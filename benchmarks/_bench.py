@@ -45,6 +45,29 @@ def peak_rss_nbytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def pss_nbytes() -> int:
+    """Return this process's proportional set size of anonymous and shared memory, in bytes.
+
+    PSS charges each resident page 1/k to each of the k processes mapping it, so the PSS of the
+    ranks of one host adds up to what they hold together (shared memory counted once).
+    Pss_Anon + Pss_Shmem of /proc/self/smaps_rollup: file pages (libtorch's code) are left out,
+    since their share moves with every other process on the host that maps the same libraries.
+    Falls back to the whole Pss (Linux < 5.5), and to the RSS without smaps_rollup (< 4.14).
+    """
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Pss_Anon", "Pss_Shmem"):
+                    fields[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        return current_rss_nbytes()
+    if "Pss_Anon" in fields:
+        return fields["Pss_Anon"] + fields.get("Pss_Shmem", 0)
+    return fields.get("Pss", current_rss_nbytes())
+
+
 def _rank_entry(
     rank: int,
     world_size: int,

@@ -111,7 +111,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _bench import current_rss_nbytes, markdown_table, run_fresh_ranks  # noqa: E402
+from _bench import current_rss_nbytes, markdown_table, pss_nbytes, run_fresh_ranks  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
@@ -303,29 +303,6 @@ def _rss_shared_nbytes() -> int:
     return _status_nbytes("RssShmem")
 
 
-def _pss_nbytes() -> int:
-    """Return this process's proportional set size of anonymous and shared memory, in bytes.
-
-    PSS charges each resident page 1/k to each of the k processes mapping it, so the PSS of the
-    ranks of one host adds up to what they hold together (one shared staging area counted once).
-    Pss_Anon + Pss_Shmem of /proc/self/smaps_rollup: file pages (libtorch's code) are left out,
-    since their share moves with every other process on the host that maps the same libraries.
-    Falls back to the whole Pss (Linux < 5.5), and to the RSS without smaps_rollup (< 4.14).
-    """
-    fields: dict[str, int] = {}
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("Pss", "Pss_Anon", "Pss_Shmem"):
-                    fields[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        return current_rss_nbytes()
-    if "Pss_Anon" in fields:
-        return fields["Pss_Anon"] + fields.get("Pss_Shmem", 0)
-    return fields.get("Pss", current_rss_nbytes())
-
-
 def _loss(net: nn.Module, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     logits = net(tokens[:, :-1])
     return nn.functional.cross_entropy(logits.float().reshape(-1, vocab), tokens[:, 1:].reshape(-1))
@@ -381,7 +358,7 @@ def _probe_step(
     peak = [0, 0]
 
     def on_grad(_: torch.Tensor) -> None:
-        pss_samples.append(_pss_nbytes())
+        pss_samples.append(pss_nbytes())
         live = _live_grad_nbytes(params, reducer)
         if live > peak[0]:
             full = sum(
@@ -394,7 +371,7 @@ def _probe_step(
         _loss(net, tokens, vocab).backward()
         peak[0] = max(peak[0], _live_grad_nbytes(params, reducer))
         opt.step()
-        pss_samples.append(_pss_nbytes())
+        pss_samples.append(pss_nbytes())
         opt.zero_grad(set_to_none=True)
     finally:
         for handle in handles:
@@ -431,7 +408,7 @@ def _bench_rank(
     _warm_up_process(model, tokens[0], model_shape.vocab)
     dist.barrier()  # NOTE: every rank at its baseline together, so shared library pages split alike
     rss_base = current_rss_nbytes()
-    pss_base = _pss_nbytes()
+    pss_base = pss_nbytes()
     anon_base, shmem_base = _status_nbytes("RssAnon"), _status_nbytes("RssShmem")
     params = list(model.parameters())
     opt = _build_optimizer(config, params)  # NOTE: before DDP, which must see the final storage
@@ -454,7 +431,7 @@ def _bench_rank(
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         if i == warmup + steps - 1:
             memory = _memory_nbytes(config, params, opt)  # NOTE: before zero_grad, grads still held
-            pss_samples.append(_pss_nbytes())
+            pss_samples.append(pss_nbytes())
         opt.zero_grad(set_to_none=True)
         wall, cpu = _max_over_ranks(wall, cpu)
         if i >= warmup:

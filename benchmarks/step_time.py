@@ -18,10 +18,11 @@ Every configuration runs in its own freshly spawned set of N ranks (gloo, FileSt
 OMP_NUM_THREADS=1 and torch.set_num_threads(1) in every rank), one after another:
 
     shardoptim             ShardedOptimizer(params, AdamW) defaults: fused, flat, parameters in their own
-                           storage (copied out of the buckets after each gather); on gloo with every
-                           rank on one host the buckets are gathered through shared memory ("shm")
+                           storage; on gloo with every rank on one host the parameters live in shared
+                           memory every rank maps, and a gather copies each rank's range straight out
+                           of its owner's parameters ("shm", shardoptim.peer_region)
     shardoptim bucket_view the same with parameters_as_bucket_view=True: parameters are views into the
-                           buckets (no copy-out, no second copy of the parameters)
+                           buckets (one storage per bucket)
     shardoptim broadcast   the same with `opt.placement.comm.transports.use("broadcast")` (one gloo broadcast
                            per rank per bucket: the multi-host gloo path)
     shardoptim all_gather  the same with `opt.placement.comm.transports.use("all_gather")` (gloo's all_gather)
@@ -39,7 +40,8 @@ median over steps. It prints, per world size, one markdown table with: median st
 ZeRO default / ZeRO best / unsharded fused, optimizer-state MiB per rank (max over ranks; every
 state tensor, the 4-byte `step` scalars included), state / ideal where ideal = 8 bytes x numel / N
 (exp_avg + exp_avg_sq; the `step` scalars are excluded from this ratio), peak extra RSS (max over
-ranks of peak RSS minus the RSS measured right after the params and grads were built) and step CPU
+ranks of peak RSS minus the RSS measured right after the params and grads were built), extra PSS
+(the same with the PSS after the steps: RSS counts a shared page in every rank that touched it) and step CPU
 ms (median over steps of the max over ranks of the CPU time of step(), every thread of the rank
 included: less sensitive than wall time to other load on the machine). Then it prints the target
 check lines for N = 2 (shardoptim <= 0.35x ZeRO default, <= 0.8x ZeRO best, state within 0.1% of
@@ -81,7 +83,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _bench import current_rss_nbytes, markdown_table, peak_rss_nbytes, run_fresh_ranks  # noqa: E402
+from _bench import current_rss_nbytes, markdown_table, peak_rss_nbytes, pss_nbytes, run_fresh_ranks  # noqa: E402
 from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: E402
 
 import shardoptim  # noqa: E402
@@ -357,10 +359,11 @@ def _bench_rank(
     params = [torch.nn.Parameter(torch.empty(s).normal_(0.0, 0.02, generator=gen)) for s in shapes]
     for p in params:
         p.grad = torch.empty(p.shape).normal_(generator=gen)
-    rss_base = current_rss_nbytes()
+    rss_base, pss_base = current_rss_nbytes(), pss_nbytes()
     opt = _build(config, params, bucket_numel)
     times, cpu_times = _timed_steps(opt.step, warmup=warmup, steps=steps)
     rss_extra = peak_rss_nbytes() - rss_base
+    pss_extra = pss_nbytes() - pss_base
     state, scalars = _local_state(config, opt)
     with torch.no_grad():
         checksum = sum(float(p.sum(dtype=torch.float64)) for p in params)
@@ -370,6 +373,7 @@ def _bench_rank(
         "state_nbytes": state,
         "scalar_nbytes": scalars,
         "rss_extra_nbytes": rss_extra,
+        "pss_extra_nbytes": pss_extra,
         "checksum": checksum,
         "num_buckets": len(opt.placement.buckets) if config.startswith("shardoptim") else None,
     }
@@ -430,6 +434,7 @@ def _summarise(
             "ratio_max": max(moments) / ideal,
             "ratio_min": min(moments) / ideal,
             "rss_mib": max(r["rss_extra_nbytes"] for r in ranks) / MIB,
+            "pss_mib": max(r["pss_extra_nbytes"] for r in ranks) / MIB,
         }
     refs = [by_label.get(name, {}).get("ms") for name in ("zero default", "zero best", "unsharded fused")]
     repeated = any(len(s["run_ms"]) > 1 for s in by_label.values())
@@ -442,6 +447,7 @@ def _summarise(
             f"{s['state_mib']:.1f}",
             f"{s['ratio_max']:.4f}",
             f"{s['rss_mib']:.0f}",
+            f"{s['pss_mib']:.0f}",
             f"{s['cpu_ms']:.1f}",
             f"{s['ms'] / num_tensors:.4f}",
         ]
@@ -538,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         "state MiB per rank (max)",
         "state / (total/N)",
         "peak extra RSS MiB",
+        "extra PSS MiB",
         "step CPU ms per rank",
         "ms per tensor",
     ]
@@ -555,7 +562,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "\nstate MiB: every state tensor on the rank (for shardoptim, opt.local_state_nbytes()), max over "
             "ranks; state / (total/N): exp_avg + exp_avg_sq bytes (max over ranks) / (8 B x numel / N); "
-            "peak extra RSS: max over ranks of ru_maxrss minus RSS after params + grads were built; step CPU: "
+            "peak extra RSS: max over ranks of ru_maxrss minus RSS after params + grads were built (it counts "
+            "every shared page a rank touched: with one-copy gathers, the other ranks' ranges of the parameters); "
+            "extra PSS: max over ranks of the PSS after the steps minus the PSS then (shared pages split among "
+            "the ranks that map them: what the host holds); step CPU: "
             "median over steps of the max over ranks of the CPU time of step() (all threads of the rank, "
             "gloo's included; less sensitive than wall time to other load on the machine)."
         )

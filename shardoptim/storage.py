@@ -4,16 +4,17 @@ Two modes, chosen with `parameters_as_bucket_view`:
 
 - own storage (False, the default): every parameter keeps a storage of its own, as with plain
   torch.optim. The buffers hold only this rank's range of each bucket; a bucket is gathered into
-  a scratch buffer (a few kept for reuse) whose values are then copied out into the parameters.
-  Costs one copy per step and a bounded scratch, and keeps every serializer that de-duplicates
-  tensors by storage (safetensors, `save_pretrained`, Accelerate's `save_state`) writing every
-  tensor.
+  a scratch buffer (a few kept for reuse) whose values are then copied out into the parameters
+  (NCCL, MPI, across hosts: one more copy per step and a bounded scratch; on one host the
+  shared-memory gather writes the parameters in place, see shardoptim.peer_region). Keeps every
+  serializer that de-duplicates tensors by storage (safetensors, `save_pretrained`, Accelerate's
+  `save_state`) writing every tensor.
 - bucket views (True): every parameter's storage is a view into its bucket, so the gather writes
   straight into the weights. No extra memory or copy, but all parameters of a bucket share one
   storage, which storage-de-duplicating serializers take for one tensor.
 
 In both modes every parameter has a "home", the tensor its storage is: its view in the bucket,
-or its own storage as it was when the optimizer was built. The local optimizer's pieces (and
+or its own storage as it was when the optimizer was built (or its own storage in a peer region). The local optimizer's pieces (and
 master copies' targets) are views into the homes. A parameter moved from outside after
 construction (`model.to(cpu:0)`, `load_state_dict(assign=True)`) is settled at the next step:
 its values are copied home and it is pointed back there. Must not import torch.distributed.
