@@ -26,6 +26,7 @@ Must not import torch.distributed.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
@@ -84,7 +85,8 @@ class FlatBuffers:
         open_region: when given (CPU buckets of a group on one host), the CPU buckets go into a
             peer region (shardoptim.peer_region): the buffers, or the parameters' new homes, each
             its own storage. Own-storage buckets go there only when each of their parameters owns
-            its whole storage (moving a view of a larger tensor would cut it off from that
+            its whole storage and shares it with no other parameter (moving a view of a larger
+            tensor, or a parameter tied to another through `.data`, would cut it off from that
             tensor); the others keep their homes. Collective: called once, on every rank.
 
     The parameters are not touched until `bind_params_` is called.
@@ -146,9 +148,10 @@ class FlatBuffers:
             return None, {}
         b_to_offset: dict[int, int] = {}
         nbytes = 0
+        alone = _alone_in_storage(params)
         for b, bucket in enumerate(self.layout.buckets):
             first = firsts[b]
-            movable = self.full or all(_owns_storage(params[p.index]) for p in bucket.placements)
+            movable = self.full or all(alone[p.index] for p in bucket.placements)
             if first.device.type == "cpu" and bucket.padded_numel and movable:
                 b_to_offset[b] = nbytes
                 nbytes = aligned(nbytes + bucket.padded_numel * first.element_size())
@@ -205,11 +208,22 @@ def at_home(param: torch.Tensor, home: torch.Tensor) -> bool:
     return param.data_ptr() == home.data_ptr() and param.stride() == home.stride()
 
 
-def _owns_storage(param: torch.Tensor) -> bool:
-    """Return whether `param` is all of its storage, laid out densely (so moving it cuts off no other tensor)."""
-    try:
-        nbytes = param.untyped_storage().nbytes()
-    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
-        return False
-    dense = param.is_contiguous() or memory_perm(param) is not None
-    return dense and param.storage_offset() == 0 and nbytes == param.numel() * param.element_size()
+def _alone_in_storage(params: Sequence[torch.Tensor]) -> list[bool]:
+    """Return, per parameter, whether it is all of its storage, dense, and no other parameter shares it.
+
+    Only such a parameter can move to a new home without cutting it off from another tensor (a
+    larger tensor it is a view of, or a parameter tied to it through `.data`).
+    """
+    ptrs: list[int | None] = []
+    for param in params:
+        try:
+            storage = param.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+            ptrs.append(None)
+            continue
+        dense = param.is_contiguous() or memory_perm(param) is not None
+        whole = param.storage_offset() == 0 and storage.nbytes() == param.numel() * param.element_size()
+        ptrs.append(storage.data_ptr() if dense and whole else None)
+    counts = Counter(ptrs)
+    # NOTE: an empty parameter holds nothing to cut off (and empty storages may share address 0).
+    return [p.numel() == 0 or (ptr is not None and counts[ptr] == 1) for p, ptr in zip(params, ptrs)]
