@@ -2,18 +2,19 @@
 
 When every rank of a CPU group runs on one host, each rank keeps its CPU buckets (the parameters
 themselves: their own storage, or the bucket views) in a file of /dev/shm that it maps shared and
-that every peer maps too. A step's update writes this rank's range where the parameters live, so
-a gather is one barrier, every rank copying each other rank's range straight out of that rank's
-mapping into its own buckets, and one more barrier (no rank writes its parameters again before
-every peer has read them). One copy instead of the staging area's two (in, then out), and no
-staging memory: the files hold the parameters, which no longer live in private memory, so the
+that every peer keeps open. A step's update writes this rank's range where the parameters live,
+so a gather is one barrier, every rank reading each other rank's range straight out of that
+rank's file into its own buckets, and one more barrier (no rank writes its parameters again
+before every peer has read them). One copy instead of the staging area's two (in, then out), and
+no staging memory: the files hold the parameters, which no longer live in private memory, so the
 host's memory use does not grow.
 
-Own-storage parameters keep a storage each: every home is its own `torch.frombuffer` over its
-slice of the mapping, so serializers that de-duplicate tensors by storage still see distinct
-tensors. A rank maps each peer's file whole but touches only that peer's ranges: its RSS counts
-those shared pages (about (N - 1) / N of the parameters' bytes, once per host in fact; PSS does
-not double count them).
+The peers' ranges are read with `os.preadv` (the kernel copies from the file's pages) rather
+than through a mapping of the peers' files: a mapping would count every page read in this
+rank's RSS, about (N - 1) / N of the parameters' bytes more per rank, shared in fact but summed
+by tools that add up RSS over processes. Own-storage parameters keep a storage each: every home
+is its own `torch.frombuffer` over its slice of the mapping, so serializers that de-duplicate
+tensors by storage still see distinct tensors.
 
 Must not import torch.distributed.
 """
@@ -24,6 +25,7 @@ import contextlib
 import mmap
 import os
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,25 +44,46 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN_NBYTES) * _ALIGN_NBYTES
 
 
+class PeerFiles:
+    """The peers' files of one region, open for reading; closed once nothing holds this object.
+
+    Args:
+        fds: per rank, a descriptor of its file (None for this rank).
+    """
+
+    def __init__(self, fds: Sequence[int | None]) -> None:
+        self.fds = tuple(fds)
+        weakref.finalize(self, _close, [fd for fd in fds if fd is not None])
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 @dataclass(frozen=True, eq=False, slots=True)
 class PeerBucket:
-    """One bucket as every rank of the host holds it: `views[r]` is rank r's copy (1-D, padding included)."""
+    """One bucket as every rank of the host holds it, at the same byte offset of each rank's file."""
 
-    views: tuple[torch.Tensor, ...]
-    rank: int
+    mine: torch.Tensor
+    """This rank's copy (1-D, padding included)."""
+    window: memoryview
+    """The same bytes, for the kernel to read into."""
+    offset: int
+    """Byte offset of the bucket in every rank's file."""
+    files: PeerFiles
 
 
 class PeerRegion:
-    """This rank's mapping of its buckets, and every peer's mapping of theirs (the same layout).
+    """This rank's mapping of its buckets, and every peer's file (the same layout), open for reading.
 
-    Built by `open_peer_region`. Args: rank; mine: this rank's mapping; peers: per rank its
-    mapping as uint8 (this rank's own at `rank`).
+    Built by `open_peer_region`. Args: mine: this rank's mapping; files: the peers' files.
     """
 
-    def __init__(self, rank: int, mine: mmap.mmap, peers: Sequence[torch.Tensor]) -> None:
-        self.rank = rank
+    def __init__(self, mine: mmap.mmap, files: PeerFiles) -> None:
         self._mine = mine
-        self._peers = list(peers)
+        self._files = files
 
     def carve(self, offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """Return `numel` elements of this rank's mapping at byte `offset`, as a tensor with a storage of its own."""
@@ -69,10 +92,9 @@ class PeerRegion:
         return torch.frombuffer(self._mine, dtype=dtype, count=numel, offset=offset)
 
     def bucket(self, offset: int, numel: int, dtype: torch.dtype) -> PeerBucket:
-        """Return the bucket of `numel` elements at byte `offset` of every rank's mapping."""
-        nbytes = numel * dtype.itemsize
-        views = tuple(peer[offset : offset + nbytes].view(dtype) for peer in self._peers)
-        return PeerBucket(views, self.rank)
+        """Return the bucket of `numel` elements at byte `offset` of every rank's file."""
+        window = memoryview(self._mine)[offset : offset + numel * dtype.itemsize]
+        return PeerBucket(self.carve(offset, numel, dtype), window, offset, self._files)
 
 
 def open_peer_region(
@@ -112,17 +134,18 @@ def open_peer_region(
     assert name is not None
     mine = mmap.mmap(fd, nbytes)  # MAP_SHARED, read and write
     os.close(fd)
-    peers = []
-    for r, entry in enumerate(everyone):
-        if r == rank:
-            peers.append(torch.frombuffer(mine, dtype=torch.uint8, count=nbytes))
-        else:
-            path = os.path.join(SHM_DIR, str(entry[0]))  # type: ignore[index]
-            peers.append(torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8))
-    barrier()
+    fds: list[int | None] = []
+    try:
+        for r, entry in enumerate(everyone):
+            fds.append(None if r == rank else os.open(os.path.join(SHM_DIR, str(entry[0])), os.O_RDONLY))  # type: ignore[index]
+    except OSError:
+        _close([f for f in fds if f is not None])
+        raise
+    files = PeerFiles(fds)
+    barrier()  # every rank holds every file open: the names can go
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(SHM_DIR, name))
-    return PeerRegion(rank, mine, peers), ""
+    return PeerRegion(mine, files), ""
 
 
 def _drop(fd: int, name: str | None) -> None:
@@ -138,12 +161,12 @@ def _drop(fd: int, name: str | None) -> None:
 class _GatherPlan:
     buckets: list[PeerBucket]
     bounds: list[Sequence[int]]
-    dst: list[torch.Tensor]
-    src: list[torch.Tensor]
+    reads: list[tuple[int, memoryview, int]]
+    """(peer's descriptor, where this rank's bytes go, offset in the peer's file) per copy."""
 
 
 class PeerGather:
-    """Gather peer buckets: one barrier, each other rank's range copied out of its mapping, one barrier.
+    """Gather peer buckets: one barrier, each other rank's range read out of its file, one barrier.
 
     Args:
         barrier: the host's barrier among the group's ranks, given the operation's name.
@@ -160,12 +183,12 @@ class PeerGather:
         """
         plan = self._plan(buckets)
         self._barrier(f"{what}: ranges written")
-        if plan.dst:
-            torch._foreach_copy_(plan.dst, plan.src)
+        for fd, window, offset in plan.reads:
+            _read_exactly(fd, window, offset, what=what)
         self._barrier(f"{what}: ranges read")
 
     def _plan(self, buckets: Sequence[tuple[PeerBucket, Sequence[int]]]) -> _GatherPlan:
-        """Return the copies of one gather: planned once per distinct list of buckets, then replayed."""
+        """Return the reads of one gather: planned once per distinct list of buckets, then replayed."""
         key = tuple(id(item) for pair in buckets for item in pair)
         plan = self._plans.get(key)
         if plan is not None and all(
@@ -173,15 +196,27 @@ class PeerGather:
             for held, held_bounds, (bucket, bounds) in zip(plan.buckets, plan.bounds, buckets)
         ):
             return plan
-        plan = _GatherPlan([b for b, _ in buckets], [bounds for _, bounds in buckets], [], [])
+        plan = _GatherPlan([b for b, _ in buckets], [bounds for _, bounds in buckets], [])
         for bucket, bounds in buckets:
-            mine = bucket.views[bucket.rank]
-            for r, view in enumerate(bucket.views):
-                lo, hi = bounds[r], bounds[r + 1]
-                if r != bucket.rank and hi > lo:
-                    plan.dst.append(mine[lo:hi])
-                    plan.src.append(view[lo:hi])
+            itemsize = bucket.mine.element_size()
+            for fd, lo, hi in zip(bucket.files.fds, bounds, bounds[1:]):
+                if fd is not None and hi > lo:
+                    window = bucket.window[lo * itemsize : hi * itemsize]
+                    plan.reads.append((fd, window, bucket.offset + lo * itemsize))
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
         self._plans[key] = plan
         return plan
+
+
+def _read_exactly(fd: int, window: memoryview, offset: int, *, what: str) -> None:
+    """Read len(window) bytes of file `fd` at `offset` into `window` (the kernel may return fewer per call)."""
+    done = 0
+    while done < len(window):
+        got = os.preadv(fd, [window[done:]], offset + done)
+        if got <= 0:
+            raise RuntimeError(
+                f"{what}: a peer's shared parameter file ended {len(window) - done} bytes early "
+                f"(read at offset {offset + done}); was /dev/shm cleaned up under a running job?"
+            )
+        done += got

@@ -80,7 +80,7 @@ def _check_one_copy(rank: int, world_size: int, *, as_view: bool, sharding: str,
     if not as_view:  # every parameter still has a storage of its own
         assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 7
     for b in peered:
-        mine = buckets[b].segments.peer.views[rank]  # type: ignore[union-attr]
+        mine = buckets[b].segments.peer.mine  # type: ignore[union-attr]
         lo, hi = mine.data_ptr(), mine.data_ptr() + mine.numel() * mine.element_size()
         for index in buckets[b].param_indices:
             assert lo <= opt.placement.params[index].data_ptr() < hi
@@ -192,3 +192,31 @@ def _check_slow_reader(rank: int, world_size: int) -> None:
 
 def test_no_write_before_every_peer_has_read(ranks2: RankPool) -> None:
     ranks2.run(_check_slow_reader)
+
+
+def _rss_shmem_nbytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssShmem in /proc/self/status")
+
+
+def _check_rss(rank: int, world_size: int) -> tuple[int, int, int]:
+    """The peers' ranges are read, not mapped: RSS holds this rank's parameters and the staging area only."""
+    params = [torch.nn.Parameter(torch.randn(1024, 1024)) for _ in range(6)]  # 24 MiB
+    before = _rss_shmem_nbytes()
+    opt = ShardedOptimizer(params, torch.optim.SGD, lr=0.1)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    staging = opt.placement.comm.transports.shared_staging()
+    assert staging is not None and all(b.segments.peer is not None for b in opt.placement.buckets)
+    return _rss_shmem_nbytes() - before, sum(p.numel() * 4 for p in params), staging.nbytes
+
+
+def test_peer_ranges_are_not_in_rss(ranks2: RankPool) -> None:
+    for grown, params_nbytes, staging_nbytes in ranks2.run(_check_rss):
+        # a mapping of the peer's file would add the half of the parameters read from it (12 MiB)
+        assert grown <= params_nbytes + staging_nbytes + (1 << 20), (grown, params_nbytes, staging_nbytes)

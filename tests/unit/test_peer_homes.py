@@ -1,7 +1,7 @@
 """Which buckets move into a peer region, and how their parameters' homes are carved (one process).
 
-A region here is one anonymous shared mapping standing in for this rank's file; the peers are the
-same mapping (what matters is the layout of the homes, not the other processes).
+A region here is one anonymous shared mapping standing in for this rank's file, with no peers
+(what matters is the layout of the homes, not the other processes).
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import torch
 
 from shardoptim.buffers import FlatBuffers
 from shardoptim.flat_layout import build_flat_layout
-from shardoptim.peer_region import PeerRegion
+from shardoptim.peer_region import PeerFiles, PeerRegion
 
 
 def _opener(calls: list[tuple[int, object]]):  # type: ignore[no-untyped-def]
     def open_region(nbytes: int, signature: object) -> PeerRegion:
         calls.append((nbytes, signature))
-        mine = mmap.mmap(-1, max(nbytes, 1))
-        return PeerRegion(0, mine, [torch.frombuffer(mine, dtype=torch.uint8), torch.frombuffer(mine, dtype=torch.uint8)])
+        return PeerRegion(mmap.mmap(-1, max(nbytes, 1)), PeerFiles([None, None]))
 
     return open_region
 
@@ -64,7 +63,7 @@ def test_own_storage_moves_only_parameters_alone_in_their_storage() -> None:
         assert homes[index].data_ptr() == params[index].data_ptr()
     # the bucket in the peer region: every home at its offset, padding zero
     for b in moved:
-        flat = buffers.peers[b].views[0]  # type: ignore[union-attr]
+        flat = buffers.peers[b].mine  # type: ignore[union-attr]
         for pl in layout.buckets[b].placements:
             home = homes[pl.index]
             assert home.data_ptr() == flat.data_ptr() + pl.start_global * home.element_size()
@@ -79,7 +78,7 @@ def test_bucket_views_move_every_cpu_bucket() -> None:
     buffers = FlatBuffers(layout, params, full=True, open_region=_opener(calls))
     assert all(peer is not None for peer in buffers.peers)
     for b, buffer in enumerate(buffers.buffers):
-        assert buffer is not None and buffer.data_ptr() == buffers.peers[b].views[0].data_ptr()  # type: ignore[union-attr]
+        assert buffer is not None and buffer.data_ptr() == buffers.peers[b].mine.data_ptr()  # type: ignore[union-attr]
     for index, home in buffers.homes():
         assert torch.equal(home, params[index])
 
