@@ -27,6 +27,7 @@ import os
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,10 @@ from shardoptim.shm import SHM_DIR
 _ALIGN_NBYTES = 64
 #: Gathers planned at most (a step gathers the same buckets every time: one or two plans).
 _MAX_PLANS = 64
+#: Bytes per read: a range is read in pieces of at most this many bytes (to share among threads).
+_READ_NBYTES = 4 << 20
+#: Gathers of at least this many bytes read on several threads when torch uses several.
+_THREADED_NBYTES = 8 << 20
 
 
 def aligned(nbytes: int) -> int:
@@ -162,7 +167,8 @@ class _GatherPlan:
     buckets: list[PeerBucket]
     bounds: list[Sequence[int]]
     reads: list[tuple[int, memoryview, int]]
-    """(peer's descriptor, where this rank's bytes go, offset in the peer's file) per copy."""
+    """(peer's descriptor, where this rank's bytes go, offset in the peer's file) per read."""
+    nbytes: int
 
 
 class PeerGather:
@@ -175,6 +181,10 @@ class PeerGather:
     def __init__(self, barrier: Callable[[str], None]) -> None:
         self._barrier = barrier
         self._plans: dict[tuple[int, ...], _GatherPlan] = {}
+        # NOTE: a kernel copy runs on the calling thread: large gathers spread their reads over as
+        # many threads as torch's own copies would use (torch.get_num_threads()).
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_threads = 0
 
     def gather_(self, buckets: Sequence[tuple[PeerBucket, Sequence[int]]], *, what: str) -> None:
         """Fill every rank's range of each bucket (`bounds`: world_size + 1 offsets) from its owner.
@@ -183,8 +193,16 @@ class PeerGather:
         """
         plan = self._plan(buckets)
         self._barrier(f"{what}: ranges written")
-        for fd, window, offset in plan.reads:
-            _read_exactly(fd, window, offset, what=what)
+        threads = torch.get_num_threads()
+        if threads > 1 and len(plan.reads) > 1 and plan.nbytes >= _THREADED_NBYTES:
+            if self._pool is None or self._pool_threads != threads:
+                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shardoptim-gather")
+                self._pool_threads = threads
+            for _ in self._pool.map(lambda read: _read_exactly(*read, what=what), plan.reads):
+                pass
+        else:
+            for fd, window, offset in plan.reads:
+                _read_exactly(fd, window, offset, what=what)
         self._barrier(f"{what}: ranges read")
 
     def _plan(self, buckets: Sequence[tuple[PeerBucket, Sequence[int]]]) -> _GatherPlan:
@@ -196,13 +214,16 @@ class PeerGather:
             for held, held_bounds, (bucket, bounds) in zip(plan.buckets, plan.bounds, buckets)
         ):
             return plan
-        plan = _GatherPlan([b for b, _ in buckets], [bounds for _, bounds in buckets], [])
+        plan = _GatherPlan([b for b, _ in buckets], [bounds for _, bounds in buckets], [], 0)
         for bucket, bounds in buckets:
             itemsize = bucket.mine.element_size()
             for fd, lo, hi in zip(bucket.files.fds, bounds, bounds[1:]):
-                if fd is not None and hi > lo:
-                    window = bucket.window[lo * itemsize : hi * itemsize]
-                    plan.reads.append((fd, window, bucket.offset + lo * itemsize))
+                if fd is None or hi <= lo:
+                    continue
+                for start in range(lo * itemsize, hi * itemsize, _READ_NBYTES):
+                    end = min(start + _READ_NBYTES, hi * itemsize)
+                    plan.reads.append((fd, bucket.window[start:end], bucket.offset + start))
+                    plan.nbytes += end - start
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
         self._plans[key] = plan

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -202,21 +203,36 @@ def _rss_shmem_nbytes() -> int:
     raise AssertionError("no RssShmem in /proc/self/status")
 
 
-def _check_rss(rank: int, world_size: int) -> tuple[int, int, int]:
-    """The peers' ranges are read, not mapped: RSS holds this rank's parameters and the staging area only."""
-    params = [torch.nn.Parameter(torch.randn(1024, 1024)) for _ in range(6)]  # 24 MiB
-    before = _rss_shmem_nbytes()
-    opt = ShardedOptimizer(params, torch.optim.SGD, lr=0.1)
-    for _ in range(3):
-        for p in params:
-            p.grad = torch.ones_like(p)
-        opt.step()
-    staging = opt.placement.comm.transports.shared_staging()
-    assert staging is not None and all(b.segments.peer is not None for b in opt.placement.buckets)
-    return _rss_shmem_nbytes() - before, sum(p.numel() * 4 for p in params), staging.nbytes
+def _check_rss(rank: int, world_size: int, *, threads: int) -> tuple[int, int, int]:
+    """The peers' ranges are read, not mapped: RSS holds this rank's parameters and the staging area only.
+
+    With several torch threads a large gather reads on several threads; the values are the same.
+    """
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(1024, 1024, generator=gen)) for _ in range(6)]  # 24 MiB
+        expected = [p.detach() - 0.3 for p in params]
+        before = _rss_shmem_nbytes()
+        opt = ShardedOptimizer(params, torch.optim.SGD, lr=0.1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        staging = opt.placement.comm.transports.shared_staging()
+        assert staging is not None and all(b.segments.peer is not None for b in opt.placement.buckets)
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-6)
+            assert all_equal_across_ranks(p.detach())
+        pooled = any(t.name.startswith("shardoptim-gather") for t in threading.enumerate())
+        assert pooled == (threads > 1), (pooled, threads)
+        return _rss_shmem_nbytes() - before, sum(p.numel() * 4 for p in params), staging.nbytes
+    finally:
+        torch.set_num_threads(1)
 
 
-def test_peer_ranges_are_not_in_rss(ranks2: RankPool) -> None:
-    for grown, params_nbytes, staging_nbytes in ranks2.run(_check_rss):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_peer_ranges_are_not_in_rss(ranks2: RankPool, threads: int) -> None:
+    for grown, params_nbytes, staging_nbytes in ranks2.run(_check_rss, threads=threads):
         # a mapping of the peer's file would add the half of the parameters read from it (12 MiB)
         assert grown <= params_nbytes + staging_nbytes + (1 << 20), (grown, params_nbytes, staging_nbytes)
