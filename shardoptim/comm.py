@@ -5,6 +5,10 @@ gather buckets, broadcast or reduce small tensors. A `Comm` over no process grou
 not initialised, world size 1) turns every collective into a local no-op, so a single process can
 use ShardedOptimizer without any setup.
 
+`Comm` is the one entry point; the work behind it lives in two places: buckets move through the
+transport chosen per device (shardoptim.transport_choice, transports), small tensors and objects
+through shardoptim.small_collectives.
+
 Must not import shardoptim.optimizer or anything above it.
 """
 
@@ -18,14 +22,15 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from shardoptim import small_collectives
 from shardoptim.groupinfo import (
     DEFAULT_TIMEOUT_S,
+    averages_natively,
     group_device_types,
     group_timeout_s,
     small_tensor_device,
     warn_if_launched_unsharded,
 )
-from shardoptim.shm import SharedStaging
 from shardoptim.sidegroup import metadata_comm
 from shardoptim.teardown import hold_until_exit
 from shardoptim.transport_choice import TransportChoice
@@ -33,14 +38,9 @@ from shardoptim.transports import (
     Bucketlike,
     PendingGather,
     PendingReduce,
-    all_gather_single,
 )
 
 logger = logging.getLogger(__name__)
-
-#: Reductions (max/min) of CPU tensors up to this many bytes go through the shared staging when
-#: every rank is on one host: the per-step hyperparameter and flag agreement, mostly.
-_SMALL_SHM_NBYTES = 64 << 10
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
 
@@ -266,18 +266,6 @@ class Comm:
             return PendingReduce(self, [], total=bucket[start:end], out=out, accumulate=accumulate, what=what)
         return self.transports.get(bucket.device).reduce_scatter_async(bucket, bounds, out, accumulate=accumulate, what=what)
 
-    def _averages_natively(self, device: torch.device) -> bool:
-        """Whether the group's backend for `device` averages itself (NCCL's ReduceOp.AVG; gloo has none)."""
-        if device.type != "cuda" or not self.is_distributed:
-            return False
-        group = self.group if self.group is not None else dist.group.WORLD
-        try:
-            assert group is not None
-            backend = group._get_backend(device)
-        except (AssertionError, AttributeError, RuntimeError):
-            return False
-        return "nccl" in type(backend).__name__.lower()
-
     def mean_op_(self, tensor: torch.Tensor) -> tuple[dist.ReduceOp.RedOpType, float | None]:
         """Return (the reduce op, the scale of its result) for a mean of `tensor` over the ranks.
 
@@ -288,7 +276,9 @@ class Comm:
         """
         if tensor.dtype not in (torch.float16, torch.bfloat16):
             return dist.ReduceOp.SUM, None
-        if self._averages_natively(tensor.device):
+        if self.is_distributed and averages_natively(
+            self.group if self.group is not None else dist.group.WORLD, tensor.device
+        ):
             return dist.ReduceOp.AVG, 1.0
         tensor.div_(self.world_size)
         return dist.ReduceOp.SUM, 1.0
@@ -298,66 +288,23 @@ class Comm:
 
         Collective: call on every rank of the group, in the same order.
         """
-        if self.world_size == 1:
-            return
-        work = dist.broadcast(tensor, src=self.global_rank(src), group=self.group, async_op=True)
-        assert work is not None
-        self.wait_work(work, what)
+        small_collectives.broadcast_(self, tensor, src=src, what=what)
 
     def all_reduce_(self, tensor: torch.Tensor, *, op: ReduceOp = "sum", what: str) -> None:
         """Reduce `tensor` in place over the group ("mean" divides the sum by the world size).
 
+        Small CPU max/min reductions go through the shared staging when every rank is on one host.
+
         Collective: call on every rank of the group, in the same order.
         """
-        if self.world_size == 1:
-            return
-        staging = self._small_through_shm(tensor) if op in ("max", "min") else None
-        if staging is not None:
-            mapped = staging.all_reduce_max_(tensor, what=what, negate=op == "min")
-            assert mapped, "the staging area is mapped before its transport is chosen"
-            return
-        red = {
-            "sum": dist.ReduceOp.SUM,
-            "mean": dist.ReduceOp.SUM,
-            "max": dist.ReduceOp.MAX,
-            "min": dist.ReduceOp.MIN,
-        }
-        scale: float | None = None
-        red_op = red[op]
-        if op == "mean":
-            red_op, scale = self.mean_op_(tensor)
-        work = dist.all_reduce(tensor, op=red_op, group=self.group, async_op=True)
-        assert work is not None
-        self.wait_work(work, what)
-        if op == "mean" and scale is None:
-            tensor.div_(self.world_size)
-
-    def _small_through_shm(self, tensor: torch.Tensor) -> SharedStaging | None:
-        """The staging area when a small CPU reduction goes through it (every rank on one host), else None.
-
-        The same answer on every rank for the same tensor sizes. Collective on first use (it
-        chooses the CPU transport).
-        """
-        if tensor.device.type != "cpu" or tensor.numel() * tensor.element_size() > _SMALL_SHM_NBYTES:
-            return None
-        if not (dist.is_available() and self.backend == "gloo"):
-            return None
-        return self.transports.shared_staging()
+        small_collectives.all_reduce_(self, tensor, op=op, what=what)
 
     def all_gather(self, tensor: torch.Tensor, *, what: str) -> torch.Tensor:
         """Return a (world_size, *tensor.shape) tensor of every rank's `tensor`.
 
         Collective: call on every rank of the group, in the same order. Same result on every rank.
         """
-        flat = tensor.contiguous().reshape(-1)
-        out = torch.empty(self.world_size * flat.numel(), dtype=tensor.dtype, device=tensor.device)
-        if self.world_size == 1:
-            out.copy_(flat)
-        else:
-            work = all_gather_single(out, flat, group=self.group, async_op=True)
-            assert work is not None
-            self.wait_work(work, what)
-        return out.view(self.world_size, *tensor.shape)
+        return small_collectives.all_gather(self, tensor, what=what)
 
     def barrier(self, *, what: str) -> None:
         """Wait until every rank got here, hearing from each rank directly.
@@ -370,19 +317,7 @@ class Comm:
 
         Collective: call on every rank of the group, in the same order.
         """
-        if self.world_size == 1:
-            return
-        flags = torch.ones(self.world_size, device=self.device)
-        works = []
-        for rank in range(self.world_size):
-            work = dist.broadcast(
-                flags[rank : rank + 1], src=self.global_rank(rank), group=self.group, async_op=True
-            )
-            assert work is not None
-            works.append(work)
-        for work in works:
-            self.wait_work(work, what, host=True)
-        self.to_host(flags)  # NOTE: a device-to-host copy of the result: the host waits for it
+        small_collectives.barrier(self, what=what)
 
     def raise_if_any_failed(self, failure: Exception | None, *, what: str) -> None:
         """Raise on every rank when the local step `what` failed on any rank (else return).
@@ -392,38 +327,14 @@ class Comm:
 
         Collective: call on every rank of the group, in the same order.
         """
-        if self.world_size == 1:
-            if failure is not None:
-                raise failure
-            return
-        # NOTE: a one-element flag first: the object gather (N unpickles) only runs after a failure.
-        flag = torch.tensor([0.0 if failure is None else 1.0], device=self.device)
-        self.all_reduce_(flag, op="max", what=what)
-        if not bool(self.to_host(flag).item()):
-            if failure is not None:  # a flag without values (meta, see to_host): no one else knows
-                raise failure
-            return
-        mine = None if failure is None else f"{type(failure).__name__}: {failure}"
-        messages = self.all_gather_object(mine, what=what)
-        if failure is not None:
-            raise failure
-        for rank, message in enumerate(messages):
-            if message is not None:
-                raise ValueError(f"{self.prefix}{what} on rank {rank}: {message}")
+        small_collectives.raise_if_any_failed(self, failure, what=what)
 
     def all_gather_object(self, obj: object, *, what: str) -> list[object]:
         """Return every rank's small picklable `obj` (metadata only, never tensors of state).
 
         Collective: call on every rank of the group, in the same order. Same result on every rank.
         """
-        if self.world_size == 1:
-            return [obj]
-        out: list[object] = [None] * self.world_size
-        try:
-            dist.all_gather_object(out, obj, group=self.group)
-        except RuntimeError as err:
-            raise RuntimeError(f"{self.prefix}{what} failed: {err}") from err
-        return out
+        return small_collectives.all_gather_object(self, obj, what=what)
 
     def send(self, tensor: torch.Tensor, *, dst: int, what: str) -> None:
         """Send `tensor` to rank `dst` of the group (point to point; pair with `recv` there).

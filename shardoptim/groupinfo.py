@@ -1,5 +1,6 @@
 """What a process group is made of, read without communicating: its device types, the device its
-small tensors live on, its timeout; and the warning for a launched job that never created one.
+small tensors live on, its timeout, whether it averages natively; and the warning for a launched
+job that never created one.
 
 Must not import anything of shardoptim.
 """
@@ -85,3 +86,15 @@ def small_tensor_device(types: tuple[str, ...]) -> torch.device:
     module = getattr(torch, kind, None)
     current = getattr(module, "current_device", None)
     return torch.device(kind, current()) if callable(current) else torch.device(kind)
+
+
+def averages_natively(group: dist.ProcessGroup | None, device: torch.device) -> bool:
+    """Whether `group`'s backend for `device` averages itself (NCCL's ReduceOp.AVG; gloo has none)."""
+    if device.type != "cuda":
+        return False
+    try:
+        assert group is not None
+        backend = group._get_backend(device)
+    except (AssertionError, AttributeError, RuntimeError):
+        return False
+    return "nccl" in type(backend).__name__.lower()

@@ -3,16 +3,15 @@
 A thin torch.optim facade: it normalises the user's parameters and options, picks the sharding
 kind, has a `Placement` (shardoptim.placement) lay the parameters out, builds the local base
 optimizer over this rank's pieces, and hands both to the kind's step strategy
-(shardoptim.step_sharded, step_replicated, step_lbfgs). The modules that read the shards
-(state_dict, checkpoint, replicas) get the Placement from `opt.placement`.
+(shardoptim.step_sharded, step_replicated, step_lbfgs); each of those steps is written out in
+shardoptim.construct. The modules that read the shards (state_dict, consolidated, checkpoint,
+replicas) get the Placement from `opt.placement`; the gradients go through `OwnedGrads`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, overload
 
@@ -20,30 +19,14 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from shardoptim import construct
 from shardoptim.accounting import local_state_nbytes, memory_nbytes
-from shardoptim.comm import Comm
 from shardoptim.compiled import CompiledUpdate
 from shardoptim.config import DEFAULT_BUCKET_NUMEL, CommBackend, ShardConfig, Stage
-from shardoptim.construct import (
-    adopt_local_options,
-    agree_on_new_group,
-    check_supported,
-    class_default,
-    local_optimizer,
-    log_layout,
-    log_probe,
-    settle_comm_backend,
-    stepper_for,
-)
-from shardoptim.grads import GradReducer
-from shardoptim.hparams import HparamSync, HparamSyncer
-from shardoptim.hybrid import Replicas, resolve_groups
-from shardoptim.kinds import Kind, check_new_group, choose_kind, resolve_impl_flags
-from shardoptim.owned_grads import OwnedGrads
-from shardoptim.params import as_param_groups, probe_complex_support, validate_new_params, validate_params
-from shardoptim.placement import Placement
+from shardoptim.hparams import HparamSync
+from shardoptim.kinds import Kind
+from shardoptim.params import as_param_groups, validate_params
 from shardoptim.probe import ProbeVerdict
-from shardoptim.stepping import StepContext
 
 __all__ = ["DEFAULT_BUCKET_NUMEL", "ShardedOptimizer"]
 
@@ -125,12 +108,7 @@ class ShardedOptimizer(Optimizer):
         device_mesh: Any = None,
         **defaults: Any,
     ) -> None:
-        if overlap_with_ddp is not False:
-            raise ValueError(
-                f"overlap_with_ddp={overlap_with_ddp!r} is not supported: ShardedOptimizer does not hook into DDP's "
-                "communication. Use stage=2 without DDP instead: it reduce-scatters the gradients during backward "
-                "(overlapped) and shards them too: ShardedOptimizer(params, cls, stage=2, ...)"
-            )
+        construct.refuse_overlap_with_ddp(overlap_with_ddp)
         self.config = ShardConfig.from_options(
             parameters_as_bucket_view=parameters_as_bucket_view,
             sharding=sharding,
@@ -145,70 +123,46 @@ class ShardedOptimizer(Optimizer):
             compile=compile,
         )
         groups = as_param_groups(params)
-        choice = choose_kind(optimizer_class, sharding, defaults, groups)
-        self._kind: Kind = choice.kind
+        choice = construct.settle_kind(optimizer_class, self.config, defaults, groups)
         #: What probing the base class found: the verdict that decided the layout (None for classes
         #: of known kind, or a sharding the user chose); `probe_verdicts`: one per distinct group.
         self.probe_verdict: ProbeVerdict | None = choice.deciding
         self.probe_verdicts: tuple[ProbeVerdict, ...] = choice.verdicts
         self._probe_defaults = dict(defaults)  # the constructor's options, to probe added groups with
-        if self.probe_verdict is not None:
-            log_probe(optimizer_class, self.probe_verdicts, self.probe_verdict, self._kind)
-        uses_rng = any(v.uses_rng for v in self.probe_verdicts)
         #: Why the class runs unsharded on every rank ("" unless sharding is "replicated").
-        self.replication_reason = choice.reason if self._kind == "replicated" else ""
-        check_supported(self._kind, self.config, optimizer_class, self.replication_reason, num_groups=len(groups))
+        self.replication_reason = construct.replication_reason(choice)
         params_list = validate_params(groups)
-        shard_pg, replicate_pg = resolve_groups(process_group, shard_group, replicate_group, device_mesh)
-        comm = Comm(shard_pg, backend_choice=self.config.comm_backend)
-        replicas = Replicas.create(comm, replicate_pg)
-        # NOTE: the per-step agreements travel on a CPU group, so step() never waits for the GPU.
-        meta = comm.for_metadata()
-        self._comm = comm
-        settle_comm_backend(self.config, comm)  # before anything touches the parameters
         #: The placed state: parameters, buckets, pieces, layouts, storage, masters (shardoptim.placement).
-        self.placement = Placement(
-            kind=self._kind, comm=comm, meta=meta, replicas=replicas, config=self.config, optimizer_class=optimizer_class
+        self.placement = construct.open_placement(
+            self.config, choice.kind, optimizer_class, process_group, shard_group, replicate_group, device_mesh
         )
-        replicate = None if replicas is None else replicas.comm
-        self._reducer = GradReducer(comm, self.placement, replicate=replicate) if self.config.stage == 2 else None
-        grads = OwnedGrads(comm, self.placement, self._reducer, whole_tensors=self._kind != "flat")
+        self._reducer = construct.grad_reducer(self.placement)
         self._building = True
-        resolved = resolve_impl_flags(optimizer_class, defaults, groups)
         #: Implementation flags the wrapper chose itself, with the class's own default: consolidated
         #: param_groups record the default (what the user asked for), not the wrapper's choice.
-        self.injected_flags = {k: class_default(optimizer_class, k) for k in resolved if k not in defaults}
-        if self._kind != "lbfgs":
-            probe_complex_support(optimizer_class, resolved, params_list)
+        resolved, self.injected_flags = construct.base_options(
+            optimizer_class, defaults, groups, params_list, choice.kind
+        )
         super().__init__(groups, resolved)
         self._building = False
 
-        local_groups = self.placement.place_(params_list, list(range(len(self.param_groups))), self.param_groups)
         #: The base optimizer over this rank's pieces.
-        self.optim = local_optimizer(self.placement, local_groups, resolved)
+        self.optim = construct.local_optimizer(self.placement, params_list, self.param_groups, resolved)
         self._update = CompiledUpdate(self.optim, self.config.compile_options())
         self.placement.bind_(0, self._reducer)
-        for key, value in self.optim.defaults.items():
-            self.defaults.setdefault(key, value)
-        adopt_local_options(self.param_groups, self.optim.param_groups)
-        self._stepper = stepper_for(
-            StepContext(
-                placement=self.placement,
-                optim=self.optim,
-                groups=lambda: self.param_groups,
-                hparams=HparamSyncer(meta, hparam_sync),
-                replica_hparams=None
-                if replicas is None
-                else HparamSyncer(replicas.comm.for_metadata(), hparam_sync, source=replicas.lead),
-                grads=grads,
-                reducer=self._reducer,
-                uses_rng=uses_rng,
-                update=self._update,
-                verify=lambda: self.verify_replicas(),
-            )
+        construct.adopt_local_defaults(self.defaults, self.param_groups, self.optim)
+        self._stepper = construct.build_stepper(
+            self.placement,
+            self.optim,
+            groups=lambda: self.param_groups,
+            hparam_sync=hparam_sync,
+            reducer=self._reducer,
+            uses_rng=any(v.uses_rng for v in self.probe_verdicts),
+            update=self._update,
+            verify=lambda: self.verify_replicas(),
         )
         self.placement.open_entry()  # last: a construction that failed on some rank took no entry namespace
-        log_layout(self.placement, replication_reason=self.replication_reason)
+        construct.log_layout(self.placement, replication_reason=self.replication_reason)
 
     def rank_to_numel(self) -> list[int]:
         """Return the parameter elements whose state each rank owns (all groups; no communication)."""
@@ -261,14 +215,13 @@ class ShardedOptimizer(Optimizer):
             `hasattr(opt, "train")` is True exactly when the base optimizer has `train`, as
             frameworks that call it (Trainer, Accelerate) expect. Collective, as the method runs
             on this rank's shard and the parameters are then gathered (see
-            StepSkeleton.call_base_method).
+            StepSkeleton.base_method and call_base_method).
             """
-            optim = self.__dict__.get("optim")
             stepper = self.__dict__.get("_stepper")
-            method = getattr(type(optim), name, None) if optim is not None and not name.startswith("_") else None
-            if stepper is None or method is None or not callable(method) or hasattr(Optimizer, name):
+            method = None if stepper is None else stepper.base_method(name)
+            if method is None:
                 raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-            return functools.partial(stepper.call_base_method, name)
+            return method
 
     @property
     def compiled_update(self) -> CompiledUpdate:
@@ -278,16 +231,16 @@ class ShardedOptimizer(Optimizer):
     @property
     def sharding(self) -> Kind:
         """How the state is sharded: "flat", "tensor", "replicated" or "lbfgs"."""
-        return self._kind
+        return self.placement.kind
 
     @property
     def rank(self) -> int:
-        return self._comm.rank
+        return self.placement.comm.rank
 
     @property
     def world_size(self) -> int:
         """Ranks the state is sharded over (the shard group's size)."""
-        return self._comm.world_size
+        return self.placement.comm.world_size
 
     @property
     def num_replicas(self) -> int:
@@ -309,23 +262,10 @@ class ShardedOptimizer(Optimizer):
         if self._building:
             super().add_param_group(param_group)
             return
-        if self._kind == "lbfgs":
-            raise ValueError(
-                "torch.optim.LBFGS supports one param group; pass every parameter when building the optimizer"
-            )
-        groups = as_param_groups([param_group])
-        placement = self.placement
-        if self.probe_verdicts:
-            check_new_group(placement.optimizer_class, self._probe_defaults, groups[0], self._kind)
-        new_params = validate_new_params(groups, existing=placement.params)
-        agree_on_new_group(placement.meta, new_params)
-        super().add_param_group(groups[0])
-        try:
-            placement.add_group_(new_params, self.param_groups, self.optim, self._reducer)
-        except Exception:
-            del self.param_groups[-1]  # every rank: as it was before the call
-            raise
-        adopt_local_options(self.param_groups[-1:], self.optim.param_groups[-1:])
+        probe_defaults = self._probe_defaults if self.probe_verdicts else None
+        group, new_params = construct.checked_new_group(self.placement, param_group, probe_defaults=probe_defaults)
+        super().add_param_group(group)
+        construct.place_new_group(self.placement, new_params, self.param_groups, self.optim, self._reducer)
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Gather the full optimizer state onto rank `to`, for a following `state_dict()` there.
@@ -338,18 +278,9 @@ class ShardedOptimizer(Optimizer):
         sharding `to` is a rank of the shard group, and only the lead replica (the shard group of
         global rank 0) gathers: every other rank's `state_dict()` then returns `{}`.
         """
-        from shardoptim.state_dict import consolidate
+        from shardoptim.consolidated import consolidate_onto
 
-        if not 0 <= to < self._comm.world_size:
-            raise ValueError(
-                f"to={to} is not a rank of the group (world size {self._comm.world_size}); pass a rank in 0.."
-                f"{self._comm.world_size - 1} (with hybrid sharding, a rank of the shard group)"
-            )
-        replicas = self.placement.replicas
-        lead = replicas is None or replicas.is_lead
-        if lead:
-            self.placement.enter("consolidate_state_dict", lone_rank=to)
-        self.placement.keep_consolidated(consolidate(self, to=to) if lead else None, to)
+        consolidate_onto(self, to=to)
 
     def full_state_dict(self, to: int = 0) -> dict[str, Any] | None:
         """Return the full optimizer state on rank `to` and None on every other rank.
@@ -363,7 +294,7 @@ class ShardedOptimizer(Optimizer):
                 torch.save({"model": model.state_dict(), "optimizer": sd}, path)
         """
         self.consolidate_state_dict(to=to)
-        return self.state_dict() if self._comm.rank == to and self.placement.consolidated is not None else None
+        return self.state_dict() if self.placement.comm.rank == to and self.placement.consolidated is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         """Return the optimizer state in the base optimizer's own format, without communicating.
@@ -380,17 +311,9 @@ class ShardedOptimizer(Optimizer):
         Raises:
             RuntimeError: state exists on several ranks but was not consolidated since the last step.
         """
-        from shardoptim.state_dict import current
+        from shardoptim.consolidated import current
 
-        found = current(self)
-        if found is not None:
-            return found
-        raise RuntimeError(
-            f"{self._comm.prefix}the optimizer state is sharded and was not consolidated since the last step: "
-            "call opt.consolidate_state_dict(to=0) on every rank first, then opt.state_dict() on rank 0 (other "
-            "ranks get {}). With Hugging Face Trainer, Accelerate or Lightning use the one-line integration in "
-            "shardoptim.integrations, which does this before each save"
-        )
+        return current(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a consolidated state_dict (or a plain torch.optim one) saved at any world size.
@@ -399,12 +322,9 @@ class ShardedOptimizer(Optimizer):
         dict is not modified. `{}` (what `state_dict()` returns on a rank that is not the
         consolidation target) is a no-op.
         """
-        from shardoptim.state_dict import load
+        from shardoptim.consolidated import load
 
-        if isinstance(state_dict, dict) and not state_dict:
-            return
         load(self, state_dict)
-        self.placement.mark_loaded(bool(state_dict.get("state")))
 
     def verify_replicas(self) -> None:
         """Raise on every rank, naming the first parameter that differs, if replicas diverged.
@@ -446,20 +366,12 @@ class ShardedOptimizer(Optimizer):
         once, by the next backward outside the block or by `step()`. At stage 1 gradient
         communication belongs to DDP: use `ddp_model.no_sync()`.
         """
-        if self._reducer is None:
-            warnings.warn(
-                "opt.no_sync() has no effect at stage=1, where DDP reduces the gradients; use "
-                "ddp_model.no_sync() (or build the optimizer with stage=2)",
-                stacklevel=2,
-            )
-            return contextlib.nullcontext()
-        return self._reducer.no_sync()
+        return self._stepper.ctx.grads.no_sync()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients, as torch.optim does; at stage 2 also the gradient shards."""
         super().zero_grad(set_to_none)
-        if self._reducer is not None:
-            self._reducer.zero_(set_to_none=set_to_none)
+        self._stepper.ctx.grads.zero_shards_(set_to_none=set_to_none)
 
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float = 2.0, *, error_if_nonfinite: bool = False

@@ -2,13 +2,16 @@
 
 Answers what the step, clipping and loss scaling need: each local piece's gradient, the owned
 elements (disjoint across ranks), the tensors a global rescale must touch, and the per-step
-agreement on which parameters got gradients and whether any is inf/nan.
+agreement on which parameters got gradients and whether any is inf/nan; and holds back the
+stage-2 reduction inside `no_sync`.
 
 Must not import shardoptim.optimizer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -146,6 +149,26 @@ class OwnedGrads:
             )
         gradnorm.scale_(self.rescalable(), gradnorm.clip_coef(total, max_norm))
         return total
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        """Return the context in which backward accumulates gradients without communicating (stage 2).
+
+        See ShardedOptimizer.no_sync. At stage 1, where DDP reduces the gradients, it warns and
+        returns a context that does nothing.
+        """
+        if self._reducer is None:
+            warnings.warn(
+                "opt.no_sync() has no effect at stage=1, where DDP reduces the gradients; use "
+                "ddp_model.no_sync() (or build the optimizer with stage=2)",
+                stacklevel=3,  # NOTE: the user's call of ShardedOptimizer.no_sync, which calls this
+            )
+            return contextlib.nullcontext()
+        return self._reducer.no_sync()
+
+    def zero_shards_(self, *, set_to_none: bool) -> None:
+        """Drop (or zero) the stage-2 gradient shards, as `Optimizer.zero_grad` does `.grad` (stage 1: nothing)."""
+        if self._reducer is not None:
+            self._reducer.zero_(set_to_none=set_to_none)
 
     def unscale_(
         self, inv_scale: torch.Tensor, found_inf: torch.Tensor, *, allow_fp16: bool

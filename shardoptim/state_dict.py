@@ -7,7 +7,8 @@ on any number of ranks, and a plain torch.optim optimizer loads it.
 
 Consolidation streams tensor by tensor with point-to-point sends (no shard is ever pickled): the
 extra memory on a sending rank is nil (its state tensors are sent as they are), and only small
-per-parameter metadata goes through `all_gather_object`.
+per-parameter metadata goes through `all_gather_object`. When the full state is made, where it is
+kept and what `state_dict()` returns on each rank is shardoptim.consolidated's part.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def consolidate(opt: ShardedOptimizer, *, to: int) -> dict[str, Any] | None:
     """Gather the full state onto rank `to` in the base optimizer's format.
 
     Collective: call on every rank of the group, in the same order. Returns the dict on rank `to`
-    (a rank of the group: `ShardedOptimizer.consolidate_state_dict` checks it) and None elsewhere.
+    (a rank of the group: shardoptim.consolidated checks it) and None elsewhere.
     State tensors of the result live on the CPU.
     """
     comm = opt.placement.comm
@@ -160,27 +161,6 @@ def _move(
             staging = torch.empty(out.shape, dtype=out.dtype, device=wire)
             comm.recv(staging, src=src, what=what)
             out.copy_(staging)
-
-
-def current(opt: ShardedOptimizer) -> dict[str, Any] | None:
-    """Return what `opt.state_dict()` returns without communicating, or None when it must refuse.
-
-    The consolidated state on its target rank (`{}` elsewhere), the empty state before any exists,
-    the full state at world size 1 (consolidated on the spot, nothing to gather from).
-    """
-    placement = opt.placement
-    if placement.consolidated is not None:
-        return placement.consolidated
-    if placement.consolidated_to is not None:
-        return {}
-    if not placement.has_state:
-        return {"state": {}, "param_groups": groups_with_indices(opt)}
-    if placement.comm.world_size > 1:
-        return None
-    full = consolidate(opt, to=0)
-    assert full is not None
-    placement.keep_consolidated(full, 0)
-    return full
 
 
 def groups_with_indices(opt: ShardedOptimizer) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ agreement) and `update`. Must not import shardoptim.optimizer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -185,6 +186,17 @@ class StepSkeleton:
             gather_all(self.placement)
         self.placement.invalidate()
         return result
+
+    def base_method(self, name: str) -> Callable[..., Any] | None:
+        """Return the base class's public method `name`, to run through `call_base_method`, or None.
+
+        None unless the base optimizer's class has a callable `name` that torch.optim.Optimizer
+        itself does not define (e.g. schedule-free's train/eval): what ShardedOptimizer forwards.
+        """
+        method = getattr(type(self.optim), name, None) if not name.startswith("_") else None
+        if method is None or not callable(method) or hasattr(Optimizer, name):
+            return None
+        return functools.partial(self.call_base_method, name)
 
     def _rank0_rng(self) -> contextlib.AbstractContextManager[Any]:
         """A context giving every rank the lead rank's random generator state (classes that draw).
