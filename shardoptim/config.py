@@ -38,7 +38,7 @@ class ShardConfig:
     """Options of a ShardedOptimizer (everything but the parameters, class and base options)."""
 
     parameters_as_bucket_view: bool = False
-    """True: parameters are views into the flat buckets; False: each keeps its own storage."""
+    """True: parameters are views into the flat buckets; False: each keeps a storage of its own."""
     sharding: str = "auto"
     """Partitioning: "flat" element ranges, "tensor" whole tensors, "replicated" unsharded on every
     rank, "auto" per optimizer class (flat only for classes known elementwise)."""

@@ -45,11 +45,11 @@ class ShardedOptimizer(Optimizer):
         optimizer_class: the base optimizer class, e.g. torch.optim.AdamW.
         process_group: the ranks to shard over; None is the default group (or a single process
             when torch.distributed is not initialised). `shard_group` is another name for it.
-        parameters_as_bucket_view: False (default): every parameter keeps its own storage, as with
-            plain torch.optim, and the gathered values are copied into it (one extra copy of the
-            parameters in memory). True: parameters become views into the flat buckets (no copy,
-            faster), but then they share storage, and serializers that de-duplicate tensors by
-            storage (safetensors, save_pretrained, Accelerate's save_state) write only one of them.
+        parameters_as_bucket_view: False (default): every parameter keeps a storage of its own, as
+            with plain torch.optim (on one host moved once into shared memory that the peers read;
+            with NCCL or across hosts gathers pass through a bounded scratch bucket). True:
+            parameters become views into the flat buckets and share storage, so serializers that
+            de-duplicate tensors by storage (safetensors, save_pretrained, save_state) keep one.
         overlap_with_ddp: accepted for ZeroRedundancyOptimizer's signature; True is refused (use
             stage=2, which overlaps the gradient reduction with backward without DDP).
         sharding: "flat" cuts buckets into equal element ranges (for elementwise optimizers),
