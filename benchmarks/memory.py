@@ -451,7 +451,7 @@ def _bench_rank(
     dist.all_reduce(mean_loss)
     with torch.no_grad():
         checksum = sum(float(p.double().sum()) for p in params)
-    buckets = getattr(opt, "_buckets", None) if config.optimizer == "shardoptim" else None
+    buckets = opt.placement.buckets if config.optimizer == "shardoptim" else None
     if isinstance(net, DistributedDataParallel):
         del net  # NOTE: release DDP's reducer before run_fresh_ranks destroys the process group
     return {
