@@ -112,10 +112,11 @@ def open_peer_region(
     """Map a file of `nbytes` per rank that every rank of the host can read; agree on it.
 
     Each rank reserves its file's blocks (posix_fallocate: a too-small /dev/shm fails here, not
-    with SIGBUS later), the ranks exchange the names, map the peers' files and unlink their own
-    once everyone has mapped it (nothing is left in /dev/shm; the mappings stay valid). Returns
-    (None, why) on every rank when any rank cannot reserve its file or the ranks laid out
-    different buckets (`signature` differs), else (the region, "").
+    with SIGBUS later), the ranks exchange the names, open the peers' files for reading and
+    unlink their own once everyone has opened it (nothing is left in /dev/shm; the open files and
+    the mapping stay valid). Returns (None, why) on every rank when any rank cannot reserve its
+    file or open a peer's, or the ranks laid out different buckets (`signature` differs), else
+    (the region, "").
 
     Collective: call on every rank of the group, in the same order.
     """
@@ -137,16 +138,20 @@ def open_peer_region(
         _drop(fd, name)
         return None, "; ".join(failures)
     assert name is not None
-    mine = mmap.mmap(fd, nbytes)  # MAP_SHARED, read and write
-    os.close(fd)
     fds: list[int | None] = []
     try:
         for r, entry in enumerate(everyone):
             fds.append(None if r == rank else os.open(os.path.join(SHM_DIR, str(entry[0])), os.O_RDONLY))  # type: ignore[index]
-    except OSError:
+    except OSError as err:  # e.g. ranks in containers that share a host name but not /dev/shm
+        failure = f"rank {rank} cannot open a peer's file in {SHM_DIR}: {err}"
+    failures = [str(f) for f in all_gather_object(failure) if f]
+    if failures:
         _close([f for f in fds if f is not None])
-        raise
+        _drop(fd, name)
+        return None, "; ".join(failures)
     files = PeerFiles(fds)
+    mine = mmap.mmap(fd, nbytes)  # MAP_SHARED, read and write
+    os.close(fd)
     barrier()  # every rank holds every file open: the names can go
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(SHM_DIR, name))

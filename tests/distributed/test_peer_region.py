@@ -124,23 +124,32 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _check_no_room(rank: int, world_size: int) -> list[str]:
+def _check_no_room(rank: int, world_size: int, *, fail: str) -> list[str]:
+    """Rank 1 cannot reserve its file (`fail` "reserve") or cannot open its peer's ("open")."""
     model, _ = _model(1)
     ref, _ = _model(1)
     records = _Records()
     logging.getLogger("shardoptim").addHandler(records)
-    reserve = os.posix_fallocate
+    reserve, open_file = os.posix_fallocate, os.open
 
     def full(fd: int, offset: int, length: int) -> None:
         if rank == 1 and length > 4096:  # the staging area is small enough; the parameters are not
             raise OSError(28, "No space left on device")
         reserve(fd, offset, length)
 
-    os.posix_fallocate = full
+    def hidden(path: str, flags: int, *args: Any) -> int:
+        if rank == 1 and "shardoptim-params" in str(path) and flags == os.O_RDONLY:
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return open_file(path, flags, *args)
+
+    if fail == "reserve":
+        os.posix_fallocate = full
+    else:
+        os.open = hidden  # type: ignore[assignment]
     try:
         opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-2, bucket_numel=600)
     finally:
-        os.posix_fallocate = reserve
+        os.posix_fallocate, os.open = reserve, open_file
         logging.getLogger("shardoptim").removeHandler(records)
     assert opt.placement.comm.transports.cpu_name() == "shm"
     assert all(b.segments.peer is None for b in opt.placement.buckets)  # on every rank, not only rank 1
@@ -155,9 +164,10 @@ def _check_no_room(rank: int, world_size: int) -> list[str]:
     return [m for m in records.messages if "shared staging area" in m]
 
 
-def test_no_room_falls_back_on_every_rank(ranks2: RankPool) -> None:
-    warned = ranks2.run(_check_no_room)
-    assert len(warned[0]) == 1 and "rank 1 cannot reserve" in warned[0][0] and "--shm-size" in warned[0][0]
+@pytest.mark.parametrize(("fail", "why"), [("reserve", "rank 1 cannot reserve"), ("open", "rank 1 cannot open")])
+def test_no_room_falls_back_on_every_rank(ranks2: RankPool, fail: str, why: str) -> None:
+    warned = ranks2.run(_check_no_room, fail=fail)
+    assert len(warned[0]) == 1 and why in warned[0][0] and "--shm-size" in warned[0][0], warned
     assert warned[1] == []
 
 
