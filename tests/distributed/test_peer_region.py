@@ -115,6 +115,12 @@ def test_gathers_read_the_peers(ranks2: RankPool, as_view: bool, sharding: str, 
     ranks2.run(_check_one_copy, as_view=as_view, sharding=sharding, stage=stage)
 
 
+@pytest.mark.parametrize("sharding", ["flat", "tensor"])
+def test_gathers_read_the_peers_three_ranks(ranks3: RankPool, sharding: str) -> None:
+    """Three ranks: each reads two peers' files; whole tensors give uneven (and empty) ranges."""
+    ranks3.run(_check_one_copy, as_view=False, sharding=sharding, stage=1)
+
+
 class _Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
