@@ -108,6 +108,7 @@ class FlatBuffers:
         self.peers: list[PeerBucket | None] = [None] * len(layout.buckets)
         """Per bucket: the bucket in every rank's peer region, or None when it is not in one."""
         self._index_to_home: dict[int, torch.Tensor] = {}
+        self._pinned: list[int] = []
         firsts = [params[bucket.placements[0].index] for bucket in layout.buckets]
         region, b_to_offset = self._open_region(params, firsts, open_region)
         with torch.no_grad():
@@ -138,6 +139,8 @@ class FlatBuffers:
                         continue
                     home_flat.copy_(to_flat(param.detach(), perm))
                     self._index_to_home[offset + placement.index] = from_flat(home_flat, param.shape, perm)
+                    if start is not None and region is not None:
+                        self._pinned.append(offset + placement.index)
         self._offset = offset
 
     def _open_region(
@@ -162,6 +165,10 @@ class FlatBuffers:
     def indices(self) -> list[int]:
         """Return the optimizer indices of the parameters these buffers hold."""
         return list(self._index_to_home)
+
+    def pinned(self) -> list[int]:
+        """Return the indices whose homes are in a peer region: the peers read them where they are."""
+        return list(self._pinned)
 
     def homes(self) -> list[tuple[int, torch.Tensor]]:
         """Return (optimizer index, full-shape tensor the parameter's storage will be) for every parameter."""
@@ -209,7 +216,7 @@ def at_home(param: torch.Tensor, home: torch.Tensor) -> bool:
 
 
 def _alone_in_storage(params: Sequence[torch.Tensor]) -> list[bool]:
-    """Return, per parameter, whether it is all of its storage, dense, and no other parameter shares it.
+    """Return, per parameter, whether it is all of its storage, dense, not shared, and alone in it.
 
     Only such a parameter can move to a new home without cutting it off from another tensor (a
     larger tensor it is a view of, or a parameter tied to it through `.data`).
@@ -223,7 +230,8 @@ def _alone_in_storage(params: Sequence[torch.Tensor]) -> list[bool]:
             continue
         dense = param.is_contiguous() or memory_perm(param) is not None
         whole = param.storage_offset() == 0 and storage.nbytes() == param.numel() * param.element_size()
-        ptrs.append(storage.data_ptr() if dense and whole else None)
+        # NOTE: already in shared memory (model.share_memory(), for other processes): stays there.
+        ptrs.append(storage.data_ptr() if dense and whole and not storage.is_shared() else None)
     counts = Counter(ptrs)
     # NOTE: an empty parameter holds nothing to cut off (and empty storages may share address 0).
     return [p.numel() == 0 or (ptr is not None and counts[ptr] == 1) for p, ptr in zip(params, ptrs)]

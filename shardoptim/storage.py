@@ -55,6 +55,8 @@ class ParamStorage:
         self._index_to_home: dict[int, torch.Tensor] = {}
         self._index_to_kind: dict[int, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self._index_to_version: dict[int, int] = {}
+        #: Homes in a peer region, and where they must stay (the peers read them there).
+        self._pinned: dict[int, int] = {}
         self._pool = BufferPool(max_nbytes=SCRATCH_POOL_NBYTES)
         # NOTE: the fast check of settle_: every parameter's data pointer (and version counter when
         # writes are tracked) as of the last time all were at home and in step; None: check each.
@@ -64,6 +66,8 @@ class ParamStorage:
     def attach_(self, buffers: FlatBuffers, params: Sequence[torch.Tensor]) -> None:
         """Take over the parameters of `buffers` (whose values are already at their homes)."""
         self._index_to_home.update(buffers.homes())
+        for index in buffers.pinned():
+            self._pinned[index] = self._index_to_home[index].data_ptr()
         for index in buffers.indices():
             param = params[index]
             self._index_to_kind[index] = (param.shape, param.dtype, param.device)
@@ -118,6 +122,7 @@ class ParamStorage:
             if param.numel() == 0:
                 continue
             home = self._index_to_home[index]
+            _check_pinned(index, home, self._pinned.get(index), prefix=prefix)
             replaced = not at_home(param, home)
             written = self.track_writes and param._version != self._index_to_version.get(index)
             if not (replaced or written):
@@ -175,4 +180,16 @@ def _check_same_kind(
         f"to shape {tuple(param.shape)}, {param.dtype} on {param.device} after the optimizer was built "
         "(model.to(dtype), .half(), a move to another device, or a resize). The optimizer's buffers and "
         "state are laid out for the old parameters. Build the ShardedOptimizer after moving or casting the model"
+    )
+
+
+def _check_pinned(index: int, home: torch.Tensor, pinned: int | None, *, prefix: str) -> None:
+    if pinned is None or home.data_ptr() == pinned:
+        return
+    raise RuntimeError(
+        f"{prefix}parameter {index}'s storage was moved out of the shared memory the other ranks read it "
+        "from, by share_memory_() (model.share_memory(), or torch.multiprocessing sending the parameter "
+        "or a state_dict tensor to another process, which moves its storage in place). The ranks' "
+        "parameters would silently diverge. Call model.share_memory() before building the ShardedOptimizer "
+        "(such parameters stay where they are), or send copies to other processes (t.detach().clone())"
     )

@@ -252,3 +252,36 @@ def test_peer_ranges_are_not_in_rss(ranks2: RankPool, threads: int) -> None:
     for grown, params_nbytes, staging_nbytes in ranks2.run(_check_rss, threads=threads):
         # a mapping of the peer's file would add the half of the parameters read from it (12 MiB)
         assert grown <= params_nbytes + staging_nbytes + (1 << 20), (grown, params_nbytes, staging_nbytes)
+
+
+def _check_shared_memory(rank: int, world_size: int) -> str:
+    """model.share_memory() before building keeps the parameters where they are; after, the step refuses."""
+    model, _ = _model(4, window=False)
+    ref, _ = _model(4, window=False)
+    model.share_memory()
+    opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-2, bucket_numel=600)
+    assert all(b.segments.peer is None for b in opt.placement.buckets)
+    assert all(p.is_shared() for p in model.parameters())
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    for step in range(2):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            _loss(m, step).backward()
+            o.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    moved, _ = _model(5, window=False)
+    opt = ShardedOptimizer(moved.parameters(), torch.optim.AdamW, lr=1e-2)
+    assert all(b.segments.peer is not None for b in opt.placement.buckets)
+    _loss(moved, 0).backward()
+    opt.step()
+    moved.share_memory()  # moves every storage out of the peer region, in place
+    _loss(moved, 1).backward()
+    with pytest.raises(RuntimeError, match=r"moved out of the shared memory.*share_memory_\(\)") as caught:
+        opt.step()
+    return str(caught.value)
+
+
+def test_share_memory_before_is_kept_and_after_is_refused(ranks2: RankPool) -> None:
+    messages = ranks2.run(_check_shared_memory)
+    assert all("before building the ShardedOptimizer" in m for m in messages), messages
