@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shardoptim.kept import KeptByIdentity
 from shardoptim.shm import SHM_DIR
 
 #: Where a bucket starts in a rank's file: a cache line, so no two buckets share one.
@@ -169,8 +170,6 @@ def _drop(fd: int, name: str | None) -> None:
 
 @dataclass(slots=True)
 class _GatherPlan:
-    buckets: list[PeerBucket]
-    bounds: list[Sequence[int]]
     reads: list[tuple[int, memoryview, int]]
     """(peer's descriptor, where this rank's bytes go, offset in the peer's file) per read."""
     nbytes: int
@@ -185,7 +184,7 @@ class PeerGather:
 
     def __init__(self, barrier: Callable[[str], None]) -> None:
         self._barrier = barrier
-        self._plans: dict[tuple[int, ...], _GatherPlan] = {}
+        self._plans: KeptByIdentity[_GatherPlan] = KeptByIdentity(_MAX_PLANS)
         # NOTE: a kernel copy runs on the calling thread: large gathers spread their reads over as
         # many threads as torch's own copies would use (torch.get_num_threads()).
         self._pool: ThreadPoolExecutor | None = None
@@ -212,14 +211,11 @@ class PeerGather:
 
     def _plan(self, buckets: Sequence[tuple[PeerBucket, Sequence[int]]]) -> _GatherPlan:
         """Return the reads of one gather: planned once per distinct list of buckets, then replayed."""
-        key = tuple(id(item) for pair in buckets for item in pair)
-        plan = self._plans.get(key)
-        if plan is not None and all(
-            held is bucket and held_bounds is bounds
-            for held, held_bounds, (bucket, bounds) in zip(plan.buckets, plan.bounds, buckets)
-        ):
+        objects = [obj for pair in buckets for obj in pair]  # each bucket and its bounds
+        plan = self._plans.get(objects)
+        if plan is not None:
             return plan
-        plan = _GatherPlan([b for b, _ in buckets], [bounds for _, bounds in buckets], [], 0)
+        plan = _GatherPlan([], 0)
         for bucket, bounds in buckets:
             itemsize = bucket.mine.element_size()
             for fd, lo, hi in zip(bucket.files.fds, bounds, bounds[1:]):
@@ -229,10 +225,7 @@ class PeerGather:
                     end = min(start + _READ_NBYTES, hi * itemsize)
                     plan.reads.append((fd, bucket.window[start:end], bucket.offset + start))
                     plan.nbytes += end - start
-        if len(self._plans) >= _MAX_PLANS:
-            self._plans.clear()
-        self._plans[key] = plan
-        return plan
+        return self._plans.put(objects, plan)
 
 
 def _read_exactly(fd: int, window: memoryview, offset: int, *, what: str) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shardoptim.kept import KeptByIdentity
 from shardoptim.segments import Segments
 from shardoptim.shmbarrier import SpinBarrier
 
@@ -76,8 +77,6 @@ _MAX_PLANS = 4096
 class _RoundPlan:
     """The copies of one gather round: into the staging half, then out of it (see _round_plan)."""
 
-    buckets: list[Segments]
-    bounds: list[Sequence[int]]
     read_dst: list[torch.Tensor] = field(default_factory=list)
     read_src: list[torch.Tensor] = field(default_factory=list)
     write_dst: list[torch.Tensor] = field(default_factory=list)
@@ -125,7 +124,7 @@ class SharedStaging:
         # NOTE: a reduce-scatter round needs world_size x (world_size - 1) slots of a cache line or more.
         self._half_nbytes = max(_aligned(half_nbytes), 64 * world_size * world_size)
         self._buffer = torch.empty(0, dtype=torch.uint8)
-        self._plans: dict[tuple[object, ...], _RoundPlan] = {}
+        self._plans: KeptByIdentity[_RoundPlan] = KeptByIdentity(_MAX_PLANS)
 
     @property
     def nbytes(self) -> int:
@@ -259,14 +258,12 @@ class SharedStaging:
         small tensors) are kept. Plans hold the buckets they were made for and are used only for
         those same objects (never for a new one at a reused address).
         """
-        key = (half_index, tuple((id(b), id(bounds), start, end, offset) for b, bounds, start, end, offset in segments))
-        plan = self._plans.get(key)
-        if plan is not None and all(
-            held is given[0] and held_bounds is given[1]
-            for held, held_bounds, given in zip(plan.buckets, plan.bounds, segments)
-        ):
+        objects = [obj for segment in segments for obj in segment[:2]]  # each bucket and its bounds
+        extra = (half_index, tuple(segment[2:] for segment in segments))
+        plan = self._plans.get(objects, extra)
+        if plan is not None:
             return plan
-        plan = _RoundPlan(buckets=[s[0] for s in segments], bounds=[s[1] for s in segments])
+        plan = _RoundPlan()
         for bucket, bounds, start, end, offset in segments:
             nbytes = (end - start) * bucket.element_size()
             stage = half[offset : offset + nbytes].view(bucket.dtype)
@@ -282,9 +279,7 @@ class SharedStaging:
                     plan.write_dst += mine
                     plan.write_src += theirs
         if cacheable:
-            if len(self._plans) >= _MAX_PLANS:
-                self._plans.clear()
-            self._plans[key] = plan
+            self._plans.put(objects, plan, extra)
         return plan
 
     def all_reduce_max_(self, tensor: torch.Tensor, *, what: str, negate: bool = False) -> bool:

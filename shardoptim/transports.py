@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import torch
 import torch.distributed as dist
 
-from shardoptim.peer_region import PeerGather
+from shardoptim.kept import KeptByIdentity
+from shardoptim.peer_region import PeerBucket, PeerGather
 from shardoptim.segments import Segments
 from shardoptim.shm import SharedStaging
 
@@ -147,18 +148,14 @@ class Ranges:
     """
 
     def __init__(self) -> None:
-        self._kept: dict[int, tuple[Sequence[int], list[int], bool]] = {}
+        self._kept: KeptByIdentity[tuple[list[int], bool]] = KeptByIdentity(_MAX_KEPT_RANGES)
 
     def __call__(self, bounds: Sequence[int]) -> tuple[list[int], bool]:
-        hit = self._kept.get(id(bounds))
-        if hit is not None and hit[0] is bounds:
-            return hit[1], hit[2]
+        hit = self._kept.get((bounds,))
+        if hit is not None:
+            return hit
         sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
-        even = len(set(sizes)) == 1
-        if len(self._kept) >= _MAX_KEPT_RANGES:
-            self._kept.clear()
-        self._kept[id(bounds)] = (bounds, sizes, even)
-        return sizes, even
+        return self._kept.put((bounds,), (sizes, len(set(sizes)) == 1))
 
 
 class TorchTransport:
@@ -263,8 +260,14 @@ class ShmTransport:
 
     def gather_many_(self, buckets: Sequence[tuple[Bucketlike, Sequence[int]]], *, what: str) -> None:
         # NOTE: the same buckets are in peer regions on every rank (agreed when the regions opened).
-        direct = [(g.peer, bounds) for g, bounds in buckets if isinstance(g, Segments) and g.peer is not None]
-        staged = [(g, bounds) for g, bounds in buckets if not (isinstance(g, Segments) and g.peer is not None)]
+        direct: list[tuple[PeerBucket, Sequence[int]]] = []
+        staged: list[tuple[Bucketlike, Sequence[int]]] = []
+        for given, bounds in buckets:
+            peer = given.peer if isinstance(given, Segments) else None
+            if peer is None:
+                staged.append((given, bounds))
+            else:
+                direct.append((peer, bounds))
         if direct:
             self._peers.gather_(direct, what=what)
         if staged:
