@@ -108,7 +108,6 @@ class FlatBuffers:
         self.peers: list[PeerBucket | None] = [None] * len(layout.buckets)
         """Per bucket: the bucket in every rank's peer region, or None when it is not in one."""
         self._index_to_home: dict[int, torch.Tensor] = {}
-        self._pinned: list[int] = []
         firsts = [params[bucket.placements[0].index] for bucket in layout.buckets]
         region, b_to_offset = self._open_region(params, firsts, open_region)
         with torch.no_grad():
@@ -139,8 +138,6 @@ class FlatBuffers:
                         continue
                     home_flat.copy_(to_flat(param.detach(), perm))
                     self._index_to_home[offset + placement.index] = from_flat(home_flat, param.shape, perm)
-                    if start is not None and region is not None:
-                        self._pinned.append(offset + placement.index)
         self._offset = offset
 
     def _open_region(
@@ -168,7 +165,12 @@ class FlatBuffers:
 
     def pinned(self) -> list[int]:
         """Return the indices whose homes are in a peer region: the peers read them where they are."""
-        return list(self._pinned)
+        return [
+            self._offset + p.index
+            for b, bucket in enumerate(self.layout.buckets)
+            if self.peers[b] is not None
+            for p in bucket.placements
+        ]
 
     def homes(self) -> list[tuple[int, torch.Tensor]]:
         """Return (optimizer index, full-shape tensor the parameter's storage will be) for every parameter."""

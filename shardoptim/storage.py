@@ -14,8 +14,8 @@ Two modes, chosen with `parameters_as_bucket_view`:
   storage, which storage-de-duplicating serializers take for one tensor.
 
 In both modes every parameter has a "home", the tensor its storage is: its view in the bucket,
-or its own storage as it was when the optimizer was built (or its own storage in a peer region). The local optimizer's pieces (and
-master copies' targets) are views into the homes. A parameter moved from outside after
+or its own storage as it was when the optimizer was built (or a storage of its own in a peer
+region). The local optimizer's pieces (and master copies' targets) are views into the homes. A parameter moved from outside after
 construction (`model.to(cpu:0)`, `load_state_dict(assign=True)`) is settled at the next step:
 its values are copied home and it is pointed back there. Must not import torch.distributed.
 """

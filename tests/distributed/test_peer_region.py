@@ -44,6 +44,20 @@ def _loss(model: torch.nn.Module, step: int) -> torch.Tensor:
     return (model(x) ** 2).mean() + extra
 
 
+def _assert_trains_like_adamw(
+    model: torch.nn.Module, opt: ShardedOptimizer, ref: torch.nn.Module, *, steps: int
+) -> None:
+    """Step `model` with `opt` and `ref` with fused AdamW (lr 1e-2) alike; their parameters stay bitwise equal."""
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    for step in range(steps):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            _loss(m, step).backward()
+            o.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
 def _staged_counter(opt: ShardedOptimizer) -> list[int]:
     """Count the buckets that go through the staging area (not read straight from the peers)."""
     staging = opt.placement.comm.transports.shared_staging()
@@ -159,14 +173,7 @@ def _check_no_room(rank: int, world_size: int, *, fail: str) -> list[str]:
         logging.getLogger("shardoptim").removeHandler(records)
     assert opt.placement.comm.transports.cpu_name() == "shm"
     assert all(b.segments.peer is None for b in opt.placement.buckets)  # on every rank, not only rank 1
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
-    for step in range(2):
-        for m, o in ((model, opt), (ref, ref_opt)):
-            o.zero_grad()
-            _loss(m, step).backward()
-            o.step()
-    for p, q in zip(model.parameters(), ref.parameters()):
-        assert torch.equal(p, q)
+    _assert_trains_like_adamw(model, opt, ref, steps=2)
     return [m for m in records.messages if "shared staging area" in m]
 
 
@@ -262,14 +269,7 @@ def _check_shared_memory(rank: int, world_size: int) -> str:
     opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-2, bucket_numel=600)
     assert all(b.segments.peer is None for b in opt.placement.buckets)
     assert all(p.is_shared() for p in model.parameters())
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
-    for step in range(2):
-        for m, o in ((model, opt), (ref, ref_opt)):
-            o.zero_grad()
-            _loss(m, step).backward()
-            o.step()
-    for p, q in zip(model.parameters(), ref.parameters()):
-        assert torch.equal(p, q)
+    _assert_trains_like_adamw(model, opt, ref, steps=2)
     moved, _ = _model(5, window=False)
     opt = ShardedOptimizer(moved.parameters(), torch.optim.AdamW, lr=1e-2)
     assert all(b.segments.peer is not None for b in opt.placement.buckets)
